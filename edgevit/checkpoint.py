@@ -1,0 +1,151 @@
+"""Checkpoint artifact: a state dict plus JSON metadata saying what made it.
+
+Stored as one torch file {"format", "version", "meta" (a JSON string), "state_dict",
+"train_state"} loaded with weights_only=True: tensors and plain values, never arbitrary
+pickles. A user's own plain state dict (e.g. timm key names) loads too, given a model name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import platform
+import zipfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgevit import __version__
+from edgevit.errors import CheckpointError
+from edgevit.fileio import atomic_path
+
+FORMAT = "edgevit.checkpoint"
+FORMAT_VERSION = 1
+# buffers rebuilt from the config; present in timm state dicts, never needed from a file
+DERIVED_KEYS = ("relative_position_index", "attn_mask")
+
+
+def library_versions() -> dict[str, str]:
+    return {"edgevit": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model_name: str
+    model_config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    data: dict[str, Any] = field(default_factory=dict)      # spec, image_size, mean, std, classes, seed
+    metrics: dict[str, Any] = field(default_factory=dict)
+    stage: str = "train"                                     # which verb made it: train, adapt, import
+    config: dict[str, Any] = field(default_factory=dict)    # the verb's config
+    versions: dict[str, str] = field(default_factory=library_versions)
+    train_state: dict[str, Any] | None = None                # optimizer/scheduler/epoch, for --resume
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "model_config": self.model_config, "data": self.data,
+                "metrics": self.metrics, "stage": self.stage, "config": self.config, "versions": self.versions}
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: a crash leaves the previous file intact."""
+        path = Path(path)
+        payload = {"format": FORMAT, "version": FORMAT_VERSION, "meta": json.dumps(self.meta, sort_keys=True),
+                   "state_dict": self.state_dict, "train_state": self.train_state}
+        with atomic_path(path) as tmp:
+            torch.save(payload, tmp)
+        return path
+
+    def without_train_state(self) -> "Checkpoint":
+        return replace(self, train_state=None)
+
+    def build_model(self) -> torch.nn.Module:
+        """Create the registered model from the stored config and load the weights."""
+        from edgevit.models import create_model
+
+        model = create_model(self.model_name, **self.model_config)
+        load_weights(model, self.state_dict, where=f"checkpoint of {self.model_name}")
+        return model
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, **kwargs: Any) -> "Checkpoint":
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return cls(model_name=model.model_name, model_config=asdict(model.cfg), state_dict=state, **kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path, model_name: str | None = None, **overrides: Any) -> "Checkpoint":
+        """Load an edgevit checkpoint, or a plain state dict when `model_name` is given."""
+        payload = read_torch_file(path)
+        if isinstance(payload, dict) and payload.get("format") == FORMAT:
+            return cls._from_payload(path, payload)
+        return cls._from_plain(path, payload, model_name, overrides)
+
+    @classmethod
+    def _from_payload(cls, path: str | Path, payload: dict) -> "Checkpoint":
+        if payload.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not "
+                                  f"{FORMAT_VERSION}; re-save it with this edgevit version")
+        try:
+            meta = json.loads(payload["meta"])
+            return cls(state_dict=payload["state_dict"], train_state=payload.get("train_state"), **meta)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: damaged checkpoint metadata ({e}); use another checkpoint") from None
+
+    @classmethod
+    def _from_plain(cls, path: str | Path, payload: Any, model_name: str | None, overrides: dict) -> "Checkpoint":
+        for wrapper in ("model", "state_dict", "model_state"):  # common trainer wrappers
+            if isinstance(payload, dict) and isinstance(payload.get(wrapper), dict):
+                payload = payload[wrapper]
+        if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise CheckpointError(f"{path}: neither an edgevit checkpoint nor a state dict of tensors")
+        if model_name is None:
+            raise CheckpointError(f"{path}: a plain state dict has no model name; pass --model NAME "
+                                  "(see `edgevit models`)")
+        from edgevit.models import create_model
+
+        model = create_model(model_name, **overrides)
+        load_weights(model, payload, where=str(path))
+        return cls.from_model(model, stage="import", config={"source": str(path)})
+
+
+def read_torch_file(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path (train one with `edgevit train`)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason[:160]}); "
+                              "re-create it or use another file") from None
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict with one-line errors for missing, unexpected and mis-shaped keys."""
+    state = {k: v for k, v in state.items() if not k.endswith(DERIVED_KEYS)}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. '{missing[0]}')")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. '{unexpected[0]}')")
+        raise CheckpointError(f"{where}: weights do not match model '{getattr(model, 'model_name', '?')}': "
+                              f"{', '.join(parts)}; pick the model the weights were trained as")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{where}: '{k}' has shape {tuple(v.shape)}, the model expects "
+                                  f"{tuple(own[k].shape)}; check the model settings (img_size, num_classes, ...)")
+    model.load_state_dict(state, strict=False)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,25 @@
+"""One error family for everything a user can get wrong; the CLI maps each to an exit code."""
+
+
+class EdgeVitError(Exception):
+    """A problem the user can fix. The message names the problem and the fix, on one line."""
+
+    exit_code = 1
+
+
+class ConfigError(EdgeVitError):
+    """A recipe, target or sparsity config that does not validate."""
+
+    exit_code = 2
+
+
+class DataError(EdgeVitError):
+    """A data set that is missing, malformed or of the wrong layout."""
+
+    exit_code = 3
+
+
+class CheckpointError(EdgeVitError):
+    """A checkpoint that is missing, corrupt, truncated or does not match the model."""
+
+    exit_code = 4
