@@ -42,7 +42,30 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class CliError(click.ClickException):
+    """A library error shown as one line, with the error family's exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class EdgeVitGroup(click.Group):
+    """Maps EdgeVitError to CliError, so no user error ever prints a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgeVitError as e:
+            raise CliError(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise CliError("interrupted; run the same command with --resume to continue", 130) from None
+
+
+@click.group(cls=EdgeVitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgevit")
 def cli() -> None:
     """edgevit: train, sparsify, search, quantize, compile and benchmark Vision Transformers for
@@ -113,23 +136,111 @@ def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, out
 @click.option("--data", "spec", default=None, help="Data spec; defaults to the checkpoint's own.")
 @click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--sparsity", default=None, help="A sparsity config JSON file, or one uniform ratio such as 0.5.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
-def eval_cmd(ckpt_path, spec, split, model_name, json_path) -> None:
-    """Print top-1 accuracy of a checkpoint on a split."""
+def eval_cmd(ckpt_path, spec, split, model_name, sparsity, json_path) -> None:
+    """Print top-1 accuracy of a checkpoint on a split (optionally under a sparsity config)."""
     from edgevit.checkpoint import Checkpoint
-    from edgevit.data import load_data
     from edgevit.train import evaluate
 
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     model = ckpt.build_model().eval()
+    data = _checkpoint_data(ckpt, spec, ckpt_path)
+    config = _sparsity_from(model, sparsity)
+    if config is not None:
+        model.set_sparsity(config)
+    mean, std = ckpt.data.get("mean", data.mean), ckpt.data.get("std", data.std)
+    result = evaluate(model, data.split(split), mean, std)
+    ratios = list(config.ratios) if config is not None else None
+    click.echo(f"{split} top-1 {result['top1']:.2f}% on {result['n']} images ({data.spec}, "
+               f"sparsity {ratios or 'dense'})")
+    _write_json(json_path, {"checkpoint": str(ckpt_path), "split": split, "data": data.spec,
+                            "sparsity": ratios, **result})
+
+
+@cli.command("adapt")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Dense swin checkpoint.")
+@click.option("--data", "spec", default=None, help="Data spec; defaults to the checkpoint's own.")
+@click.option("--epochs", type=int, default=None, help="Default 3.")
+@click.option("--lr", type=float, default=None, help="Default: 10x below the checkpoint's training lr.")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--out", "out_dir", type=click.Path(), default="runs/adapt", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_path) -> None:
+    """Sparsity-aware adaptation: fine-tune under a new random sparsity config every step."""
+    from edgevit.adapt import AdaptConfig, adapt
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.train import FINAL
+
+    ckpt = Checkpoint.load(ckpt_path)
+    data = _checkpoint_data(ckpt, spec, ckpt_path)
+    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
+    try:
+        cfg = AdaptConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise EdgeVitError(f"adapt: {e}") from None
+    out = adapt(ckpt, data, cfg, out_dir, resume=resume)
+    click.echo(f"adapted (dense) val top-1 {out.metrics['val']['top1']:.2f}%  "
+               f"test top-1 {out.metrics['test']['top1']:.2f}%  -> {Path(out_dir) / FINAL}")
+    _write_json(json_path, out.metrics)
+
+
+@cli.command("flops")
+@click.option("--checkpoint", "ckpt_path", default=None, type=click.Path(), help="Checkpoint (or use --model).")
+@click.option("--model", "model_name", default=None, help="Registered model, with random weights.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model setting.")
+@click.option("--sparsity", "sparsity", default=None,
+              help="A sparsity config JSON file, or one uniform ratio such as 0.5.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def flops_cmd(ckpt_path, model_name, sets, sparsity, batch, json_path) -> None:
+    """FLOPs of a model under a sparsity config, against the dense model."""
+    from edgevit.flops import count_flops
+
+    model = _model_from(ckpt_path, model_name, sets)
+    dense = count_flops(model, batch)["total"]
+    config = _sparsity_from(model, sparsity)
+    if config is not None:
+        model.set_sparsity(config)
+    total = count_flops(model, batch)["total"]
+    ratios = list(config.ratios) if config is not None else None
+    click.echo(f"{model.model_name}: {total / 1e9:.4f} GFLOPs at sparsity {ratios or 'dense'} "
+               f"({dense / 1e9:.4f} dense, {dense / total:.2f}x fewer)")
+    _write_json(json_path, {"model": model.model_name, "batch": batch, "sparsity": ratios,
+                            "flops": total, "dense_flops": dense, "ratio": dense / total})
+
+
+def _model_from(ckpt_path, model_name, sets):
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.models import create_model
+
+    if ckpt_path:
+        return Checkpoint.load(ckpt_path, model_name=model_name, **_parse_sets(sets)).build_model().eval()
+    if not model_name:
+        raise EdgeVitError("pass --checkpoint CKPT or --model NAME (see `edgevit models`)")
+    return create_model(model_name, **_parse_sets(sets)).eval()
+
+
+def _sparsity_from(model, value: str | None):
+    from edgevit.sparsity import SparsityConfig
+
+    if value is None:
+        return None
+    try:
+        ratio = float(value)
+    except ValueError:
+        return SparsityConfig.load(value)
+    return SparsityConfig.uniform(model, ratio)
+
+
+def _checkpoint_data(ckpt, spec: str | None, ckpt_path):
+    from edgevit.data import load_data
+
     spec = spec or ckpt.data.get("spec")
     if not spec:
         raise EdgeVitError(f"{ckpt_path}: the checkpoint names no data set; pass --data SPEC")
-    data = load_data(spec, model.cfg.img_size, ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
-    mean, std = ckpt.data.get("mean", data.mean), ckpt.data.get("std", data.std)
-    result = evaluate(model, data.split(split), mean, std)
-    click.echo(f"{split} top-1 {result['top1']:.2f}% on {result['n']} images ({spec})")
-    _write_json(json_path, {"checkpoint": str(ckpt_path), "split": split, "data": spec, **result})
+    return load_data(spec, ckpt.model_config["img_size"], ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
 
 
 @cli.command("run")
@@ -146,23 +257,8 @@ def run_cmd(recipe, force, json_path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: map library errors to one-line messages and exit codes, never tracebacks."""
-    try:
-        cli.main(args=argv, prog_name="edgevit", standalone_mode=False)
-    except EdgeVitError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted; run again with --resume to continue from the last epoch", err=True)
-        sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="edgevit")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from typing import Any
 from edgevit.config import closest_key_hint, from_mapping, read_toml
 from edgevit.errors import ConfigError
 
-STAGES = ("train", "eval")
 
 
 @dataclass(frozen=True)
@@ -66,13 +65,29 @@ class Recipe:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ["train", "eval"]
+STAGE_ORDER = ["train", "adapt", "eval"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which uniform sparsity ratios the eval stage reports (swin family; [0.0] = dense only)."""
+
+    ratios: tuple[float, ...] = (0.0,)
+    split: str = "test"
+
+    def __post_init__(self):
+        if self.split not in ("val", "test"):
+            raise ValueError(f"split '{self.split}' must be 'val' or 'test'")
+        for r in self.ratios:
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"ratio {r} must be in [0, 1)")
 
 
 def section_types() -> dict[str, type]:
+    from edgevit.adapt import AdaptConfig
     from edgevit.train import TrainConfig
 
-    return {"train": TrainConfig}
+    return {"train": TrainConfig, "adapt": AdaptConfig, "eval": EvalConfig}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -153,7 +153,7 @@ def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled,
-                dynamic_ncols=True, leave=True, mininterval=1.0)
+                dynamic_ncols=True, leave=False, mininterval=1.0)
 
 
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
@@ -185,20 +185,28 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
     start_epoch = _resume_or_start(out_dir, run_id, model, optimizer, scheduler, resume)
     net = _wrap_ddp(model, d, device)
     sample_gen = torch.Generator().manual_seed(cfg.seed + 7919 * (d.rank + 1))
-    history = []
     for epoch in range(start_epoch, cfg.epochs):
         if before_step is not None:
             sample_gen.manual_seed(cfg.seed + 7919 * (d.rank + 1) + 104729 * epoch)
         stats = _train_epoch(net, model, data, cfg, d, device, optimizer, scheduler, epoch, teacher,
                              sample_gen, before_step, show_progress)
         if d.main:
-            history.append(stats)
+            stats["val_top1"] = evaluate(model, data.val, data.mean, data.std)["top1"]
+            if show_progress:
+                _print_epoch(epoch, cfg.epochs, stats)
             train_state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "run_digest": run_id}
             Checkpoint.from_model(model, metrics={"epoch": epoch, **stats}, train_state=train_state,
                                   **meta).save(out_dir / LAST)
         barrier(d)
     return _finish(model, data, out_dir, meta, d)
+
+
+def _print_epoch(epoch: int, epochs: int, stats: dict) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {stats['train_loss']:.3f}  train top-1 {stats['train_top1']:.1f}%  "
+               f"val top-1 {stats['val_top1']:.2f}%  {stats['images_per_s']:.0f} img/s  {stats['seconds']:.0f} s")
 
 
 def _finish(model: nn.Module, data: DataBundle, out_dir: Path, meta: dict, d: Dist) -> Checkpoint:

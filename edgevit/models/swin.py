@@ -292,6 +292,12 @@ class SwinTransformer(nn.Module):
     def block_ratios(self) -> list[list[float]]:
         return [list(stage.ratios) for stage in self.layers]
 
+    def set_sparsity(self, config) -> None:
+        """Apply a SparsityConfig (None: dense)."""
+        from edgevit.sparsity import set_sparsity
+
+        set_sparsity(self, config)
+
 
 @register_model
 def swin_micro():

@@ -1,0 +1,153 @@
+"""Per-layer window sparsity configs (SparseViT's search space).
+
+One ratio ("knob") per pair of consecutive blocks, so W-MSA and the SW-MSA after it share a
+ratio; Swin-T (depths 2/2/6/2) has 6 knobs. Ratios come from `levels` (0.0..0.8 by default)
+and are non-decreasing within a stage, so later blocks keep a subset of earlier blocks'
+windows. The Swin-T space holds 120,285 configs (SPARSEVIT.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from edgevit.errors import ConfigError
+
+DEFAULT_LEVELS = tuple(round(0.1 * i, 1) for i in range(9))  # 0.0 .. 0.8
+
+
+def knobs_per_stage(depths: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    return tuple(math.ceil(d / 2) for d in depths)
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    ratios: tuple[float, ...]
+    stage_knobs: tuple[int, ...]                 # knobs in each stage
+    levels: tuple[float, ...] = field(default=DEFAULT_LEVELS)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        if len(self.ratios) != sum(self.stage_knobs):
+            raise ConfigError(f"sparsity config has {len(self.ratios)} ratios; this model needs "
+                              f"{sum(self.stage_knobs)} (one per pair of blocks, stages {list(self.stage_knobs)})")
+        for r in self.ratios:
+            if not any(abs(r - level) < 1e-9 for level in self.levels):
+                raise ConfigError(f"sparsity ratio {r} is not one of the levels {list(self.levels)}")
+        for s, ratios in enumerate(self.per_stage()):
+            if any(b < a for a, b in zip(ratios, ratios[1:])):
+                raise ConfigError(f"stage {s} ratios {ratios} decrease; within a stage ratios must be "
+                                  "non-decreasing (sort them)")
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def for_model(cls, model, ratios: list[float] | None = None, levels=DEFAULT_LEVELS) -> "SparsityConfig":
+        """A config for a swin-family model; all-dense when `ratios` is None."""
+        depths = getattr(model.cfg, "depths", None)
+        if depths is None:
+            raise ConfigError(f"model '{getattr(model, 'model_name', '?')}' has no windows to prune; "
+                              "window sparsity applies to the swin family")
+        knobs = knobs_per_stage(depths)
+        return cls(tuple(ratios if ratios is not None else [0.0] * sum(knobs)), knobs, tuple(levels))
+
+    @classmethod
+    def uniform(cls, model, ratio: float, levels=DEFAULT_LEVELS) -> "SparsityConfig":
+        return cls.for_model(model, [ratio] * sum(knobs_per_stage(model.cfg.depths)), levels)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def per_stage(self) -> list[list[float]]:
+        out, i = [], 0
+        for n in self.stage_knobs:
+            out.append(list(self.ratios[i:i + n]))
+            i += n
+        return out
+
+    def block_ratios(self, depths: tuple[int, ...]) -> list[list[float]]:
+        """Per-block ratios: knob j of a stage covers blocks 2j and 2j+1."""
+        if knobs_per_stage(depths) != self.stage_knobs:
+            raise ConfigError(f"sparsity config for stages of {list(self.stage_knobs)} knobs does not fit a "
+                              f"model of depths {list(depths)}")
+        return [[knobs[b // 2] for b in range(d)] for knobs, d in zip(self.per_stage(), depths)]
+
+    @property
+    def is_dense(self) -> bool:
+        return all(r == 0 for r in self.ratios)
+
+    def key(self) -> str:
+        """A short stable key, for caching results per config."""
+        return "-".join(f"{r:.2f}" for r in self.ratios)
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {"ratios": list(self.ratios), "stage_knobs": list(self.stage_knobs), "levels": list(self.levels)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "sparsity config") -> "SparsityConfig":
+        if not isinstance(d, dict) or "ratios" not in d or "stage_knobs" not in d:
+            raise ConfigError(f"{where}: expected a JSON object with 'ratios' and 'stage_knobs'")
+        unknown = set(d) - {"ratios", "stage_knobs", "levels"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'; valid keys: ratios, stage_knobs, levels")
+        return cls(tuple(d["ratios"]), tuple(d["stage_knobs"]), tuple(d.get("levels", DEFAULT_LEVELS)))
+
+    def save(self, path: str | Path) -> None:
+        from edgevit.fileio import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SparsityConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such sparsity config file")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: malformed JSON ({e})") from None
+        if isinstance(data, dict) and "sparsity" in data:  # a SearchResult or artifact manifest
+            data = data["sparsity"]
+        return cls.from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------- the space
+
+
+def space_size(stage_knobs: tuple[int, ...], levels=DEFAULT_LEVELS) -> int:
+    """Non-decreasing sequences per stage: C(L + n - 1, n), multiplied over stages."""
+    return math.prod(math.comb(len(levels) + n - 1, n) for n in stage_knobs)
+
+
+def enumerate_space(stage_knobs: tuple[int, ...], levels=DEFAULT_LEVELS) -> Iterator[SparsityConfig]:
+    per_stage = [itertools.combinations_with_replacement(levels, n) for n in stage_knobs]
+    for combo in itertools.product(*per_stage):
+        yield SparsityConfig(tuple(r for stage in combo for r in stage), tuple(stage_knobs), tuple(levels))
+
+
+def sample_config(stage_knobs: tuple[int, ...], generator, levels=DEFAULT_LEVELS) -> SparsityConfig:
+    """SparseViT's training-time sampling: per knob uniform over levels, sorted within each stage.
+
+    `generator` is a torch.Generator so sampling is reproducible per seed and rank."""
+    import torch
+
+    ratios = []
+    for n in stage_knobs:
+        idx = torch.randint(len(levels), (n,), generator=generator).tolist()
+        ratios.extend(sorted(levels[i] for i in idx))
+    return SparsityConfig(tuple(ratios), tuple(stage_knobs), tuple(levels))
+
+
+def set_sparsity(model, config: SparsityConfig | None) -> None:
+    """Apply `config` to a swin-family model (None restores the dense model)."""
+    if not hasattr(model, "set_block_ratios"):
+        raise ConfigError(f"model '{getattr(model, 'model_name', '?')}' has no windows to prune; "
+                          "window sparsity applies to the swin family")
+    if config is None:
+        config = SparsityConfig.for_model(model)
+    model.set_block_ratios(config.block_ratios(tuple(model.cfg.depths)))

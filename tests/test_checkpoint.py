@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.errors import CheckpointError
+from edgevit.models import create_model
+
+
+def saved(tmp_path, name="swin_micro", **kw):
+    model = create_model(name, **kw)
+    ckpt = Checkpoint.from_model(model, data={"spec": "digits", "mean": [0.3], "std": [0.4]},
+                                 metrics={"test": {"top1": 50.0}})
+    return model, ckpt, ckpt.save(tmp_path / "m.pt")
+
+
+def test_round_trip_restores_weights_and_metadata(tmp_path):
+    model, ckpt, path = saved(tmp_path, img_size=32)
+    loaded = Checkpoint.load(path)
+    assert loaded.model_name == "swin_micro" and loaded.model_config["img_size"] == 32
+    assert loaded.metrics == {"test": {"top1": 50.0}} and loaded.versions["torch"] == torch.__version__
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.build_model().eval()(x), model.eval()(x))
+
+
+def test_loading_uses_weights_only(tmp_path, monkeypatch):
+    _, _, path = saved(tmp_path)
+    calls = []
+    original = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or original(*a, **k))
+    Checkpoint.load(path)
+    assert calls and all(k.get("weights_only") is True for k in calls)
+
+
+def test_truncated_and_garbage_files(tmp_path):
+    _, _, path = saved(tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "g.pt").write_bytes(b"\x00garbage" * 100)
+    for name in ("t.pt", "g.pt"):
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            Checkpoint.load(tmp_path / name)
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        Checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_mismatched_weights_name_the_key(tmp_path):
+    _, ckpt, _ = saved(tmp_path)
+    other = Checkpoint(model_name="swin_micro", model_config={**ckpt.model_config, "num_classes": 3},
+                       state_dict=ckpt.state_dict)
+    with pytest.raises(CheckpointError, match="'head.fc.weight' has shape \\(10, 32\\), the model expects \\(3, 32\\)"):
+        other.build_model()
+    wrong = Checkpoint(model_name="vit_micro", model_config={}, state_dict=ckpt.state_dict)
+    with pytest.raises(CheckpointError, match="missing .* unexpected"):
+        wrong.build_model()
+
+
+def test_plain_state_dict_needs_a_model_name(tmp_path):
+    model = create_model("vit_micro")
+    torch.save({"model": model.state_dict()}, tmp_path / "plain.pt")   # a trainer-style wrapper
+    with pytest.raises(CheckpointError, match="pass --model NAME"):
+        Checkpoint.load(tmp_path / "plain.pt")
+    loaded = Checkpoint.load(tmp_path / "plain.pt", model_name="vit_micro")
+    assert loaded.stage == "import"
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.build_model().eval()(x), model.eval()(x))
+
+
+def test_timm_style_buffers_are_ignored(tmp_path):
+    model = create_model("swin_micro")
+    state = dict(model.state_dict())
+    state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    state["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
+    torch.save(state, tmp_path / "timm.pt")
+    Checkpoint.load(tmp_path / "timm.pt", model_name="swin_micro").build_model()
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    _, ckpt, path = saved(tmp_path)
+    before = path.read_bytes()
+
+    def boom(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        ckpt.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]       # no temp file left behind

@@ -1,0 +1,86 @@
+"""The CLI in-process (click's CliRunner) and, for exit behaviour, as the real console script."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from edgevit.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_help_and_version():
+    assert "sparsify" in run("--help").output
+    assert run("--version").output.strip().startswith("edgevit, version")
+    for command in ("train", "eval", "adapt", "flops", "run", "models", "data"):
+        result = run(command, "--help")
+        assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_models_lists_the_registry():
+    out = run("models").output
+    assert "swin_t" in out and "deit_tiny_distilled" in out
+
+
+def test_train_eval_flops_with_json(idx_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run("train", "--data", f"idx:{idx_dir}", "--model", "swin_micro", "--epochs", "2",
+                 "--batch-size", "16", "--out", str(out), "--json", str(tmp_path / "t.json"))
+    assert result.exit_code == 0, result.output
+    assert "test top-1" in result.output
+    metrics = json.loads((tmp_path / "t.json").read_text())
+    result = run("eval", "--checkpoint", str(out / "model.pt"), "--json", str(tmp_path / "e.json"))
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    assert evaluated["top1"] == pytest.approx(metrics["test"]["top1"])
+    result = run("flops", "--checkpoint", str(out / "model.pt"), "--sparsity", "0.5", "--json", str(tmp_path / "f.json"))
+    flops = json.loads((tmp_path / "f.json").read_text())
+    assert result.exit_code == 0 and flops["flops"] < flops["dense_flops"]
+
+
+def test_run_recipe_skips_up_to_date_stages(idx_dir, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'stages = ["train", "adapt", "eval"]\nout = "{tmp_path / "out"}"\n'
+                      f'[data]\nspec = "idx:{idx_dir}"\n[model]\nname = "swin_micro"\nimg_size = 32\n'
+                      '[train]\nepochs = 1\nbatch_size = 16\n[adapt]\nepochs = 1\nbatch_size = 16\n'
+                      '[eval]\nratios = [0.0, 0.5]\n')
+    first = run("run", str(recipe), "--json", str(tmp_path / "r.json"))
+    assert first.exit_code == 0, first.output
+    table = json.loads((tmp_path / "r.json").read_text())["eval"]
+    assert set(table) == {"dense", "adapted"} and set(table["adapted"]) == {"0.0", "0.5"}
+    second = run("run", str(recipe))
+    assert "train: up to date" in second.output and "adapt: up to date" in second.output
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["train", "--model", "swin_nano"], 2, "unknown model 'swin_nano'; did you mean"),
+    (["eval", "--checkpoint", "/no/such.pt"], 4, "/no/such.pt: no such checkpoint file"),
+    (["train", "--data", "idx:/no/dir"], 3, "/no/dir: no such directory"),
+    (["run", "/no/recipe.toml"], 2, "/no/recipe.toml: no such file"),
+    (["flops", "--model", "swin_micro", "--sparsity", "0.85"], 2, "not one of the levels"),
+    (["flops", "--model", "vit_micro", "--sparsity", "0.5"], 2, "swin family"),
+])
+def test_errors_are_one_line_with_exit_codes(args, code, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 64)
+    result = subprocess.run([sys.executable, "-m", "edgevit.cli", "eval", "--checkpoint", str(bad)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4
+    assert "Traceback" not in result.stderr and "corrupt or truncated" in result.stderr
+
+
+def test_import_edgevit_stays_light():
+    code = "import sys, edgevit; print(any(m.split('.')[0] in ('torch', 'tvm', 'onnxruntime') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from edgevit.data import batches, load_data, parse_spec, read_idx
+from edgevit.errors import DataError
+
+from conftest import write_idx
+
+
+def test_digits_split_is_seeded_disjoint_and_normalised():
+    a = load_data("digits", 16, seed=3)
+    b = load_data("digits", 16, seed=3)
+    c = load_data("digits", 16, seed=4)
+    assert (len(a.train), len(a.val), len(a.test)) == (1294, 144, 359)
+    assert torch.equal(a.val.labels, b.val.labels) and not torch.equal(a.val.labels, c.val.labels)
+    assert a.train.images.shape[1:] == (1, 16, 16) and a.num_classes == 10
+    x, _ = next(batches(a.train, a.mean, a.std, 2000))
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+
+
+def test_idx_reads_gz_and_plain(idx_dir):
+    d = load_data(f"idx:{idx_dir}", 12, val_fraction=0.25)
+    assert len(d.train) + len(d.val) == 80 and len(d.test) == 20
+    assert d.num_classes == 4
+    raw = read_idx(idx_dir / "t10k-images-idx3-ubyte")
+    assert raw.shape == (20, 12, 12) and raw.dtype == np.uint8
+
+
+def test_fashion_dir_override_uses_fashion_classes(idx_dir):
+    d = load_data(f"fashion-mnist:{idx_dir}", 16)
+    assert d.train.classes[0] == "T-shirt/top" and d.train.hflip
+
+
+def test_cifar10_batches_read_without_arbitrary_unpickling(cifar_dir, tmp_path):
+    d = load_data(f"cifar10:{cifar_dir}", 16, val_fraction=0.2)
+    assert d.channels == 3 and d.train.classes == ["a", "b", "c"] and len(d.test) == 6
+    evil = cifar_dir / "data_batch_9"
+    import os
+    import pickle
+
+    evil.write_bytes(pickle.dumps({b"data": os.system}))
+    with pytest.raises(DataError, match="refusing to load"):
+        load_data(f"cifar10:{cifar_dir}", 16)
+
+
+def test_imagefolder_resizes_mixed_sizes(folder_dir):
+    d = load_data(f"imagefolder:{folder_dir}", 8)
+    assert d.train.images.shape[1:] == (3, 8, 8)
+    assert d.train.classes == ["class0", "class1", "class2"]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nonsense", "unknown data spec 'nonsense'"),
+    ("idx", "needs a directory"),
+    ("idx:/no/such/dir", "/no/such/dir: no such directory"),
+    ("fashion-mnist:/no/such/dir", "expects IDX files"),
+])
+def test_bad_specs_name_the_problem(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_data(spec, 16)
+
+
+def test_truncated_and_non_idx_files(tmp_path):
+    arr = np.zeros((4, 5, 5), dtype=np.uint8)
+    write_idx(tmp_path / "a", arr)
+    (tmp_path / "b").write_bytes((tmp_path / "a").read_bytes()[:-7])
+    (tmp_path / "c").write_bytes(b"hello world")
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(tmp_path / "b")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "c")
+
+
+def test_missing_idx_file_names_the_layout(idx_dir):
+    (idx_dir / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte"):
+        load_data(f"idx:{idx_dir}", 12)
+
+
+def test_empty_class_folder(folder_dir):
+    (folder_dir / "empty").mkdir()
+    with pytest.raises(DataError, match="empty class folder"):
+        load_data(f"imagefolder:{folder_dir}", 8)
+
+
+def test_corrupt_image_named(folder_dir):
+    (folder_dir / "class0" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="bad.png: cannot read image"):
+        load_data(f"imagefolder:{folder_dir}", 8)
+
+
+def test_ddp_shards_are_disjoint_and_equal():
+    d = load_data("digits", 8)
+    shards = [torch.cat([y for _, y in batches(d.train, d.mean, d.std, 100, shuffle=True, rank=r, world=2)])
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(d.train) // 2
+
+
+def test_augmentation_keeps_shape_and_changes_pixels():
+    d = load_data("digits", 16)
+    x0, _ = next(batches(d.train, d.mean, d.std, 32, shuffle=True, seed=1))
+    x1, _ = next(batches(d.train, d.mean, d.std, 32, shuffle=True, augment_data=True, seed=1))
+    assert x0.shape == x1.shape and not torch.allclose(x0, x1)
+
+
+def test_parse_spec_defaults():
+    assert parse_spec("fashion-mnist") == ("fashion-mnist", None)
+    assert parse_spec("imagefolder:/x") == ("imagefolder", "/x")

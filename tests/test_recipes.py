@@ -1,0 +1,56 @@
+from pathlib import Path
+
+import pytest
+
+from edgevit.errors import ConfigError
+from edgevit.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.stages and recipe.model.resolve()
+
+
+def test_fashion_recipe_has_at_least_16_windows_in_stage_one():
+    from edgevit.models import create_model
+
+    recipe = load_recipe(ROOT / "recipes" / "fashion.toml")
+    model = create_model(recipe.model.name, **recipe.model.overrides)
+    assert model.layers[0].blocks[0].num_windows >= 16
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("text, message", [
+    ('stages = ["train"]\n[model]\nname = "swin_micro"\n[train]\nepoch = 3\n', "unknown key 'epoch'; did you mean 'epochs'"),
+    ('stage = ["train"]\n[model]\nname = "swin_micro"\n', "unknown key 'stage'; did you mean 'stages'"),
+    ('stages = ["trian"]\n[model]\nname = "swin_micro"\n', "unknown stage 'trian'; did you mean 'train'"),
+    ('[model]\nname = "swin_micro"\nwindw_size = 4\n', "did you mean 'window_size'"),
+    ('[model]\nname = "swin_micro"\n[train]\nepochs = "100"\n', "expected int, got '100'"),
+    ('[model]\nname = "swin_micro"\n[train]\nlr = 5\n', "lr 5.0"),
+    ('[model]\n', "missing required key 'name'"),
+    ('[model\nname = 1', "malformed TOML"),
+])
+def test_bad_recipes_name_file_and_fix(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_recipe(write(tmp_path, text))
+    assert str(tmp_path / "r.toml") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_recipe(tmp_path / "nope.toml")
+
+
+def test_digest_tracks_only_upstream_settings(tmp_path):
+    base = '[model]\nname = "swin_micro"\n[train]\nepochs = 2\n'
+    a = load_recipe(write(tmp_path, base))
+    b = load_recipe(write(tmp_path, base + "[adapt]\nepochs = 5\n"))
+    assert a.digest("train") == b.digest("train") and a.digest("adapt") != b.digest("adapt")
