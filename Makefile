@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup data-fashion demo fashion test test-fast bench clean
+.PHONY: setup system-deps emulator demo fashion test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -18,19 +18,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian (needs root); skipped quietly where apt is unavailable.
-data-fashion:
-	@test -d /usr/share/datasets/fashion-mnist || \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
-	  echo "could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root"
+# Debian packages: Fashion-MNIST, the aarch64 cross compiler and qemu (for the emulated board).
+DEBS := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
+system-deps:
+	@if dpkg -s $(DEBS) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBS) >/dev/null; \
+	else echo "as root, run: apt-get install $(DEBS)"; fi
+
+# The emulated aarch64 board's sysroot and wheels (cached in ~/.cache/edgevit).
+emulator: setup system-deps
+	$(BIN)/edgevit emulator setup
 
 demo: setup
 	$(BIN)/edgevit run recipes/quickstart.toml --json runs/quickstart.json
 
-fashion: setup data-fashion
+fashion: setup system-deps
 	$(BIN)/edgevit run recipes/fashion.toml --json runs/fashion.json
 
-test: setup data-fashion
+test: setup system-deps emulator
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

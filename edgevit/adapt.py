@@ -57,8 +57,8 @@ def adapt(checkpoint: Checkpoint, data: DataBundle, cfg: AdaptConfig, out_dir: s
     meta["data"] = {k: checkpoint.data[k] for k in ("seed", "val_fraction") if k in checkpoint.data} | \
         meta.get("data", {})
     ckpt = train(model, data, cfg.train_config(checkpoint.config.get("lr")), out_dir, resume=resume, stage="adapt",
-                 show_progress=show_progress, before_step=sample_sparsity, extra_meta=meta)
-    model.set_sparsity(None)
+                 show_progress=show_progress, before_step=sample_sparsity,
+                 before_eval=lambda m: m.set_sparsity(None), extra_meta=meta)
     return ckpt
 
 

@@ -243,6 +243,127 @@ def _checkpoint_data(ckpt, spec: str | None, ckpt_path):
     return load_data(spec, ckpt.model_config["img_size"], ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
 
 
+@cli.command("targets")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def targets_cmd(json_path) -> None:
+    """List the deployment targets (targets/*.toml) and their aliases."""
+    from edgevit.targets import list_targets
+
+    rows = list_targets()
+    for t in rows:
+        alias = f" (alias {', '.join(t.aliases)})" if t.aliases else ""
+        click.echo(f"{t.name:18s} {t.device:4s} {t.arch:7s} {t.description}{alias}")
+    _write_json(json_path, [{"name": t.name, "device": t.device, "arch": t.arch, "aliases": t.aliases,
+                             "tvm": t.tvm, "rpc_key": t.rpc_key} for t in rows])
+
+
+@cli.command("compile")
+@click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint to compile.")
+@click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, out_dir, json_path) -> None:
+    """Compile a checkpoint with TVM for a target into a validated artifact folder."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.targets import load_target
+
+    target = load_target(target_name)
+    ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    config = _sparsity_from(ckpt.build_model(), sparsity)
+    try:
+        cfg = CompileConfig(batch=batch, validate=not no_validate)
+    except ValueError as e:
+        raise EdgeVitError(f"compile: {e}") from None
+    artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)
+    m = artifact.manifest
+    size = sum((artifact.path / f).stat().st_size for f in m["files"])
+    click.echo(f"compiled {m['model']['name']} for {target.name} in {m['compile_seconds']:.1f} s "
+               f"-> {out_dir} ({size / 1e6:.2f} MB)")
+    _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m["compile_seconds"],
+                            "bytes": size, "validation": m["validation"], "sparsity": m["sparsity"]})
+
+
+@cli.command("verify")
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker; default: run here.")
+@click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the device.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
+    """Run an artifact on its device and check it against the PyTorch reference it carries."""
+    from edgevit.compile import CompiledArtifact
+    from edgevit.verify import verify
+
+    artifact = CompiledArtifact.load(artifact_dir)
+    result = verify(artifact, rpc=rpc, key=key, timeout=timeout)
+    click.echo(f"{result['device']}, {result['images']} {result['source']}: max abs error {result['max_abs_error']:.2e}, "
+               f"top-1 agreement {result['top1_agreement']:.1f}% -> {'ok' if result['ok'] else 'MISMATCH'}")
+    _write_json(json_path, result)
+    if not result["ok"]:
+        raise EdgeVitError(f"{artifact_dir}: output on {result['device']} differs from the PyTorch reference")
+
+
+@cli.command("package")
+@click.argument("artifact_dir", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def package_cmd(artifact_dir, out_dir, json_path) -> None:
+    """Make a deploy bundle: library, weights, manifest and a loader needing only the TVM runtime."""
+    from edgevit.compile import CompiledArtifact
+    from edgevit.package import package
+
+    result = package(CompiledArtifact.load(artifact_dir), out_dir)
+    click.echo(f"bundle {out_dir}: {result['total_bytes'] / 1e6:.2f} MB "
+               f"({', '.join(f'{k} {v / 1e3:.0f} kB' for k, v in result['files'].items())})")
+    _write_json(json_path, result)
+
+
+@cli.group("emulator")
+def emulator_grp() -> None:
+    """An emulated aarch64 board (qemu + TVM RPC on loopback) standing in for rasp4b."""
+
+
+@emulator_grp.command("setup")
+def emulator_setup() -> None:
+    """Download the arm64 sysroot and aarch64 wheels (once; needs apt/dpkg as root)."""
+    from edgevit.emulator import Emulator, setup
+
+    setup(Emulator.default(), log=click.echo)
+
+
+@emulator_grp.command("start")
+def emulator_start() -> None:
+    """Start the tracker (127.0.0.1:9190) and the emulated server (key rasp4b)."""
+    from edgevit.emulator import Emulator, start
+
+    start(Emulator.default(), log=click.echo)
+
+
+@emulator_grp.command("status")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def emulator_status(json_path) -> None:
+    """Show whether the tracker and server run and which keys are free."""
+    from edgevit.emulator import Emulator, status
+
+    s = status(Emulator.default())
+    click.echo(f"set up: {s['set_up']}  tracker {s['tracker']}: {'up' if s['tracker_running'] else 'down'}  "
+               f"server: {'up' if s['server_running'] else 'down'}  keys: {s['keys'] or 'none'}")
+    _write_json(json_path, s)
+
+
+@emulator_grp.command("stop")
+def emulator_stop() -> None:
+    """Stop the emulated server and the tracker."""
+    from edgevit.emulator import Emulator, stop
+
+    stop(Emulator.default(), log=click.echo)
+
+
 @cli.command("run")
 @click.argument("recipe", type=click.Path())
 @click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")

@@ -159,11 +159,14 @@ def progress_bar(total: int, desc: str, enabled: bool):
 def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | Path, *,
           resume: bool = False, stage: str = "train", show_progress: bool = True,
           before_step: Callable[[nn.Module, torch.Generator], None] | None = None,
+          before_eval: Callable[[nn.Module], None] | None = None,
           extra_meta: dict | None = None) -> Checkpoint:
     """Train `model` on `data` and return the final checkpoint (also written to out_dir/model.pt).
 
-    `before_step` is called before every forward pass (sparsity-aware adaptation samples a new
-    config there); `stage` names the verb in the checkpoint metadata.
+    `before_step` is called before every training forward pass (sparsity-aware adaptation
+    samples a new config there) and `before_eval` before every evaluation and before the final
+    weights are saved (adaptation restores the dense config there); `stage` names the verb in
+    the checkpoint metadata.
     """
     d = setup_distributed()
     out_dir = Path(out_dir)
@@ -190,6 +193,8 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
             sample_gen.manual_seed(cfg.seed + 7919 * (d.rank + 1) + 104729 * epoch)
         stats = _train_epoch(net, model, data, cfg, d, device, optimizer, scheduler, epoch, teacher,
                              sample_gen, before_step, show_progress)
+        if before_eval is not None:
+            before_eval(model)
         if d.main:
             stats["val_top1"] = evaluate(model, data.val, data.mean, data.std)["top1"]
             if show_progress:

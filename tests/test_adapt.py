@@ -28,7 +28,11 @@ def test_adapt_samples_a_new_sorted_config_every_step(idx_dir, tmp_path, monkeyp
     for per_stage in sampled:
         for stage in per_stage:
             assert stage == sorted(stage)
-    assert seen[-1] == [[0.0] * 4, [0.0] * 2]                     # restored to dense afterwards
+    assert seen[-1] == [[0.0] * 4, [0.0] * 2]                     # dense for evaluation and saving
+    model_after = adapted.build_model().eval()
+    from edgevit.train import evaluate
+
+    assert adapted.metrics["test"]["top1"] == evaluate(model_after, data.test, data.mean, data.std)["top1"]
     assert adapted.stage == "adapt" and adapted.config["lr"] == dense.config["lr"] / 10
     assert Checkpoint.load(tmp_path / "adapt" / "model.pt").config["levels"][-1] == 0.8
 

@@ -1,0 +1,98 @@
+"""Running compiled artifacts on a device: this machine, or a board behind a TVM RPC tracker.
+
+Only the TVM runtime is used here (tvm.runtime.vm), so the same code serves a deploy bundle
+on a device that has no compiler.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevit.errors import EdgeVitError
+
+
+class DeviceError(EdgeVitError):
+    """An unreachable tracker, an unknown key, or a device that fails to run the artifact."""
+
+    exit_code = 5
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where an artifact runs: kind "cpu" or "cuda", locally (rpc None) or via a tracker."""
+
+    kind: str = "cpu"
+    rpc: str | None = None          # "HOST:PORT" of a TVM RPC tracker
+    key: str | None = None          # the tracker key of the device kind
+    timeout: float = 60.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} via {self.rpc} key '{self.key}'" if self.rpc else f"local {self.kind}"
+
+
+class Session:
+    """A loaded artifact on a device: `run(x)` returns the output as numpy."""
+
+    def __init__(self, device: Device, library: Path, weights: Path):
+        import tvm
+
+        self.device = device
+        if device.rpc is None:
+            self.remote = None
+            self.dev = tvm.cuda(0) if device.kind == "cuda" else tvm.cpu(0)
+            lib = tvm.runtime.load_module(str(library))
+        else:
+            self.remote = connect(device)
+            self.remote.upload(str(library))
+            lib = self.remote.load_module(library.name)
+            self.dev = self.remote.cuda(0) if device.kind == "cuda" else self.remote.cpu(0)
+        params = tvm.runtime.load_param_dict(Path(weights).read_bytes())
+        self.params = [tvm.runtime.tensor(params[f"p{i}"].numpy(), device=self.dev) for i in range(len(params))]
+        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        import tvm
+
+        out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.dev),
+                              *self.params)
+        return out.numpy()
+
+    def time_ms(self, x: np.ndarray, number: int = 1, repeat: int = 10) -> list[float]:
+        """Per-call latencies measured on the device itself (TVM's time_evaluator)."""
+        import tvm
+
+        arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.dev)
+        timer = self.vm.time_evaluator("main", self.dev, number=number, repeat=repeat)
+        return [r * 1e3 for r in timer(arg, *self.params).results]
+
+
+def connect(device: Device):
+    """Request a session for `device.key` from the tracker, failing clearly when unreachable."""
+    from tvm import rpc
+
+    host, _, port = (device.rpc or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise DeviceError(f"--rpc '{device.rpc}' is not HOST:PORT (e.g. 127.0.0.1:9190)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(device.timeout, 10.0)):
+            pass
+    except OSError as e:
+        raise DeviceError(f"RPC tracker {device.rpc} unreachable ({e.strerror or e}); start it "
+                          "(`edgevit emulator start` for the emulated board) or check --rpc") from None
+    try:
+        tracker = rpc.connect_tracker(host, int(port))
+        keys = tracker.summary().get("queue_info", {})
+        if device.key not in keys:
+            raise DeviceError(f"no device with key '{device.key}' at tracker {device.rpc}; "
+                              f"registered keys: {', '.join(sorted(keys)) or 'none'}")
+        return tracker.request(device.key, priority=1, session_timeout=int(device.timeout * 10))
+    except DeviceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TVM's RPC raises plain TVMError/RuntimeError
+        raise DeviceError(f"RPC session for key '{device.key}' at {device.rpc} failed: "
+                          f"{str(e).strip().splitlines()[-1][:200]}") from None

@@ -1,0 +1,123 @@
+"""Devices as data: targets/*.toml, each a TVM target (JSON form) plus what deployment needs.
+
+    description = "..."            device = "cpu" | "cuda"        arch = "x86_64" | "aarch64"
+    rpc_key = "rasp4b"             cross_compiler = "aarch64-linux-gnu-g++"
+    cross_package = "g++-aarch64-linux-gnu"    aliases = ["arm"]    notes = "..."
+    [tvm]  kind = "llvm", mtriple = ..., mcpu = ..., mattr = [...]   ([tvm.host] for GPUs)
+
+`--target` takes a name, an alias, or a path to such a file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgevit.config import from_mapping, read_toml
+from edgevit.errors import ConfigError, EdgeVitError
+
+DEVICES = ("cpu", "cuda")
+ARCHES = ("x86_64", "aarch64")
+
+
+def targets_dir() -> Path:
+    env = os.environ.get("EDGEVIT_TARGETS_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "targets"
+
+
+@dataclass(frozen=True)
+class Target:
+    description: str
+    device: str
+    arch: str
+    tvm: dict[str, Any]
+    rpc_key: str = ""
+    cross_compiler: str = ""
+    cross_package: str = ""
+    aliases: list[str] = field(default_factory=list)
+    notes: str = ""
+    name: str = ""
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"device '{self.device}' must be one of {', '.join(DEVICES)}")
+        if self.arch not in ARCHES:
+            raise ValueError(f"arch '{self.arch}' must be one of {', '.join(ARCHES)}")
+        kind = self.tvm.get("kind")
+        if kind not in ("llvm", "cuda"):
+            raise ValueError(f"[tvm] kind '{kind}' must be 'llvm' or 'cuda'")
+        if (kind == "cuda") != (self.device == "cuda"):
+            raise ValueError(f"[tvm] kind '{kind}' does not match device '{self.device}'")
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether an artifact for this target can run on this machine's CPU."""
+        return self.device == "cpu" and self.arch == platform.machine()
+
+    def tvm_target(self):
+        """The tvm.target.Target, with mcpu = "native" resolved to this machine's CPU."""
+        import tvm
+
+        spec = _resolve_native(dict(self.tvm))
+        if "host" in spec:
+            spec["host"] = _resolve_native(dict(spec["host"]))
+        try:
+            return tvm.target.Target(spec)
+        except Exception as e:  # noqa: BLE001 - TVM raises its own error types
+            raise ConfigError(f"target '{self.name}': TVM rejects [tvm] {spec}: {str(e).splitlines()[0][:200]}") from None
+
+    def check_cross_compiler(self) -> str | None:
+        """The cross compiler command, after checking it is installed (None: host compiler)."""
+        if not self.cross_compiler or self.arch == platform.machine():
+            return None
+        if shutil.which(self.cross_compiler) is None:
+            raise EdgeVitError(f"target '{self.name}' needs the cross compiler {self.cross_compiler}; "
+                               f"install it: apt-get install {self.cross_package or 'a cross toolchain'}")
+        return self.cross_compiler
+
+
+def _resolve_native(spec: dict) -> dict:
+    if spec.get("mcpu") == "native":
+        import tvm
+
+        spec["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+    return spec
+
+
+def _target_files() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(targets_dir().glob("*.toml"))}
+
+
+def list_targets() -> list[Target]:
+    return [load_target(str(p)) for p in _target_files().values()]
+
+
+def load_target(name_or_path: str) -> Target:
+    """A target by name, alias or TOML path; unknown names list the valid ones."""
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.is_file():
+        return _load_file(path)
+    files = _target_files()
+    if name_or_path in files:
+        return _load_file(files[name_or_path])
+    for stem, p in files.items():
+        if name_or_path in read_toml(p).get("aliases", []):
+            return _load_file(p)
+    names = sorted(files)
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ConfigError(f"unknown target '{name_or_path}'; {hint}valid targets: {', '.join(names)} "
+                      "(or a path to a .toml file)")
+
+
+def _load_file(path: Path) -> Target:
+    raw = read_toml(path)
+    if "name" in raw:
+        raise ConfigError(f"{path}: unknown key 'name'; a target is named by its file name")
+    target = from_mapping(Target, {**raw, "name": path.stem}, str(path))
+    return target

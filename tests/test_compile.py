@@ -1,0 +1,141 @@
+"""TVM compile path: artifacts, validation against PyTorch, cross builds, bundles, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.compile import CompileConfig, CompiledArtifact, ValidationError, compile_model
+from edgevit.data import load_data
+from edgevit.errors import EdgeVitError
+from edgevit.models import create_model
+from edgevit.runtime import DeviceError
+from edgevit.sparsity import SparsityConfig
+from edgevit.targets import load_target
+from edgevit.train import TrainConfig, train
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """swin_micro trained briefly on digits at 32x32 (16 windows in stage 1)."""
+    data = load_data("digits", 32)
+    model = create_model("swin_micro", img_size=32)
+    return train(model, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3), tmp_path_factory.mktemp("ckpt"),
+                 show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def host_artifact(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("art") / "host-sparse"
+    cfg = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0])
+    return compile_model(ckpt, load_target("host"), out, cfg, CompileConfig(batch=2, images=32), log=lambda _: None)
+
+
+def test_host_artifact_is_validated_and_hashed(host_artifact):
+    m = host_artifact.manifest
+    real = m["validation"]["digits val images"]
+    assert real["max_abs_error"] < 1e-4 and real["top1_agreement"] == 100.0 and real["images"] == 32
+    assert m["validation"]["random"]["max_abs_error"] < 1e-4
+    assert m["input"]["shape"] == [2, 1, 32, 32] and m["sparsity"]["ratios"] == [0.5, 0.0]
+    assert set(m["files"]) == {"model.so", "weights.params", "reference.npz", "validation.npz"}
+    assert m["target"]["tvm"]["kind"] == "llvm" and m["versions"]["tvm"]
+
+
+def test_verify_locally_matches_reference(host_artifact):
+    from edgevit.verify import verify
+
+    result = verify(host_artifact)
+    assert result["ok"] and result["max_abs_error"] < 1e-4
+
+
+def test_tampered_artifact_is_refused(host_artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(host_artifact.path, copy)
+    blob = bytearray((copy / "weights.params").read_bytes())
+    blob[-1] ^= 0xFF
+    (copy / "weights.params").write_bytes(bytes(blob))
+    with pytest.raises(EdgeVitError, match="weights.params: sha256 mismatch"):
+        CompiledArtifact.load(copy)
+
+
+def test_bundle_runs_with_its_own_loader(host_artifact, tmp_path):
+    from edgevit.package import package
+
+    result = package(host_artifact, tmp_path / "bundle")
+    assert set(result["files"]) == {"model.so", "weights.params", "reference.npz", "manifest.json", "run_model.py"}
+    done = subprocess.run([sys.executable, str(tmp_path / "bundle" / "run_model.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1000:]
+    report = json.loads(done.stdout)
+    assert report["max_abs_error"] < 1e-4 and report["top1_match"]
+
+
+def test_dense_compile_equals_pytorch_dense(ckpt, tmp_path):
+    art = compile_model(ckpt, load_target("host"), tmp_path / "dense", None, CompileConfig(images=8),
+                        log=lambda _: None)
+    x, ref = art.reference()
+    with torch.no_grad():
+        assert np.abs(ckpt.build_model().eval()(torch.from_numpy(x)).numpy() - ref).max() == 0.0
+    assert art.manifest["sparsity"] is None
+
+
+def test_rasp4b_cross_compiles_to_aarch64(ckpt, tmp_path):
+    art = compile_model(ckpt, load_target("rasp4b"), tmp_path / "arm", None, CompileConfig(), log=lambda _: None)
+    header = art.library.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 0xB7   # EM_AARCH64
+    assert "does not run on this machine" in art.manifest["validation"]["skipped"]
+    from edgevit.verify import verify
+
+    with pytest.raises(DeviceError, match="pass --rpc HOST:PORT"):
+        verify(art)
+
+
+@pytest.mark.slow
+def test_cuda_sm90_artifact_builds_without_a_gpu(ckpt, tmp_path):
+    art = compile_model(ckpt, load_target("cuda-sm90"), tmp_path / "cuda", None, CompileConfig(), log=lambda _: None)
+    assert art.manifest["target"]["tvm"]["arch"] == "sm_90" and art.library.stat().st_size > 0
+    assert "skipped" in art.manifest["validation"]
+
+
+def test_unreachable_tracker_fails_clearly(host_artifact):
+    from edgevit.verify import verify
+
+    with pytest.raises(DeviceError, match="RPC tracker 127.0.0.1:9 unreachable"):
+        verify(host_artifact, rpc="127.0.0.1:9", key="rasp4b", timeout=2)
+
+
+def test_failed_validation_writes_nothing_and_keeps_the_old_artifact(ckpt, host_artifact, tmp_path, monkeypatch):
+    import shutil
+
+    import edgevit.compile as comp
+
+    out = tmp_path / "existing"
+    shutil.copytree(host_artifact.path, out)
+    before = (out / "manifest.json").read_text()
+    monkeypatch.setattr(comp, "compare", lambda *a, **k: {"max_abs_error": 0.5, "top1_agreement": 80.0, "images": 8})
+    with pytest.raises(ValidationError, match="max abs error 0.5 .*top-1 agreement 80.0%"):
+        compile_model(ckpt, load_target("host"), out, None, CompileConfig(images=8), log=lambda _: None)
+    assert (out / "manifest.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+
+
+class Unsupported(torch.nn.Module):
+    cfg = None
+
+    def forward(self, x):
+        return torch.histc(x, bins=4)
+
+
+def test_unsupported_operator_is_named():
+    from edgevit.compile import to_relax
+
+    with pytest.raises(EdgeVitError, match="does not support operator.*histc"):
+        to_relax(Unsupported(), torch.randn(8))

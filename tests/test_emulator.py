@@ -1,0 +1,47 @@
+"""The emulated aarch64 board end to end: compile for rasp4b, upload over RPC, check output.
+
+Needs `edgevit emulator setup` (make test runs it); emulated timings are never reported."""
+
+import pytest
+
+from edgevit.emulator import Emulator, start, status, stop
+
+EMU = Emulator.default(tracker_port=9291, server_port=9391)
+pytestmark = [pytest.mark.slow, pytest.mark.tvm,
+              pytest.mark.skipif(not EMU.is_set_up(), reason="run `edgevit emulator setup` first")]
+
+
+@pytest.fixture(scope="module")
+def board():
+    start(EMU, log=lambda _: None)
+    yield EMU
+    stop(EMU, log=lambda _: None)
+
+
+def test_rasp4b_artifact_runs_on_the_emulated_board(board, tmp_path):
+    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.data import load_data
+    from edgevit.models import create_model
+    from edgevit.sparsity import SparsityConfig
+    from edgevit.targets import load_target
+    from edgevit.train import TrainConfig, train
+    from edgevit.verify import verify
+
+    s = status(board)
+    assert s["tracker_running"] and s["server_running"] and board.key in s["keys"]
+    data = load_data("digits", 32)
+    ckpt = train(create_model("swin_micro", img_size=32), data, TrainConfig(epochs=1, batch_size=64),
+                 tmp_path / "ckpt", show_progress=False)
+    sparsity = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0])
+    art = compile_model(ckpt, load_target("rasp4b"), tmp_path / "arm", sparsity, CompileConfig(batch=2),
+                        log=lambda _: None)
+    result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
+    assert result["ok"] and result["max_abs_error"] < 1e-4, result
+    assert "rasp4b" in result["device"]
+
+
+def test_unknown_key_is_reported(board, tmp_path):
+    from edgevit.runtime import Device, DeviceError, connect
+
+    with pytest.raises(DeviceError, match="no device with key 'jetson' .* registered keys: rasp4b"):
+        connect(Device(rpc=board.tracker, key="jetson", timeout=10))
