@@ -271,7 +271,7 @@ def _manifest(ckpt, target, model, sparsity, cfg, shape, reference, source, seco
     return {
         "kind": ARTIFACT_KIND, "version": 1,
         "target": {"name": target.name, "device": target.device, "arch": target.arch, "rpc_key": target.rpc_key,
-                   "tvm": json.loads(json.dumps(tvm_target.export(), default=str))},
+                   "tvm": json.loads(str(tvm_target))},
         "model": {"name": ckpt.model_name, "config": asdict(model.cfg), "stage": ckpt.stage},
         "sparsity": sparsity.to_dict() if sparsity is not None else None,
         "input": {"shape": list(shape), "dtype": "float32", "layout": "NCHW", "mean": ckpt.data.get("mean"),

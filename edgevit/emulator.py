@@ -69,6 +69,10 @@ class Emulator:
     def tracker(self) -> str:
         return f"127.0.0.1:{self.tracker_port}"
 
+    def state_file(self, name: str, suffix: str) -> Path:
+        """pid/log files per process and tracker port, so several emulators can share a sysroot."""
+        return self.home / f"{name}-{self.tracker_port}.{suffix}"
+
     def is_set_up(self) -> bool:
         return self.python.exists() and (self.sysroot / "usr/bin/python3.11").exists() and (self.site / "tvm").is_dir()
 
@@ -167,15 +171,16 @@ def start(emu: Emulator, log: Log = print, timeout: float = 180.0) -> None:
         if not _alive(emu, "server"):
             break
         time.sleep(1.0)
-    log_tail = (emu.home / "server.log").read_text()[-400:] if (emu.home / "server.log").exists() else ""
+    server_log = emu.state_file("server", "log")
+    log_tail = server_log.read_text()[-400:] if server_log.exists() else ""
     stop(emu, log=lambda _: None)
     raise EdgeVitError(f"the emulated server did not register with the tracker in {timeout:.0f} s; "
-                       f"see {emu.home / 'server.log'}: {log_tail.strip().splitlines()[-1:] or ''}")
+                       f"see {server_log}: {log_tail.strip().splitlines()[-1:] or ''}")
 
 
 def stop(emu: Emulator, log: Log = print) -> None:
     for name in ("server", "tracker"):
-        pid_file = emu.home / f"{name}.pid"
+        pid_file = emu.state_file(name, "pid")
         if not pid_file.exists():
             continue
         try:
@@ -207,14 +212,14 @@ def status(emu: Emulator) -> dict:
 
 
 def _spawn(emu: Emulator, name: str, cmd: list[str]) -> None:
-    log = open(emu.home / f"{name}.log", "w")
+    log = open(emu.state_file(name, "log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
-    (emu.home / f"{name}.pid").write_text(str(proc.pid))
+    emu.state_file(name, "pid").write_text(str(proc.pid))
 
 
 def _alive(emu: Emulator, name: str) -> bool:
-    pid_file = emu.home / f"{name}.pid"
+    pid_file = emu.state_file(name, "pid")
     if not pid_file.exists():
         return False
     try:
@@ -233,4 +238,4 @@ def _wait_for_tracker(emu: Emulator, timeout: float) -> None:
             if s.connect_ex(("127.0.0.1", emu.tracker_port)) == 0:
                 return
         time.sleep(0.2)
-    raise EdgeVitError(f"the RPC tracker did not start on {emu.tracker}; see {emu.home / 'tracker.log'}")
+    raise EdgeVitError(f"the RPC tracker did not start on {emu.tracker}; see {emu.state_file('tracker', 'log')}")

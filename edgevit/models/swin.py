@@ -4,7 +4,7 @@ activation pruning (Chen et al. 2023; spec in SPARSEVIT.md).
 Blocks run attention and MLP on a tensor of windows (B, nW, N, C). With a sparsity ratio r,
 a stage scores its windows once, keeps the top k = max(1, floor(nW * (1 - r))) per image,
 gathers them, runs the block on (B, k, N, C) and scatters results back, so pruned windows
-pass through unchanged. k depends only on r, so every config is a static-shape graph.
+pass through unchanged. k depends only on r, so every config is a static-shape graph (rank, gather, scatter).
 
 k is clamped to at least 1: a stage with no windows left would be a zero-size tensor that
 neither ONNX nor TVM compile, and a stage of one window (the last Swin stage at small
@@ -112,8 +112,20 @@ def window_scores(x: torch.Tensor, ws: int, shift: int = 0) -> torch.Tensor:
 
 
 def keep_windows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (B, k) of each image's k best windows, best first."""
-    return torch.topk(scores, k, dim=1, largest=True, sorted=True).indices
+    """Indices (B, k) of each image's k best windows, best first: torch.topk's answer.
+
+    Written as ranking by pairwise comparison (O(nW^2), negligible next to a block) rather
+    than with topk: TVM lowers topk on CPUs to an extern call (tvm.contrib.sort.topk) that
+    lives in the compiler library, which a device running only the TVM runtime lacks. Ties
+    go to the lower window index."""
+    n = scores.shape[1]
+    order = torch.arange(n, device=scores.device)
+    s_i, s_j = scores.unsqueeze(2), scores.unsqueeze(1)                     # (B, n, 1), (B, 1, n)
+    earlier = order.view(1, 1, n) < order.view(1, n, 1)                     # (1, n, n): j < i
+    beaten_by = (s_j > s_i) | ((s_j == s_i) & earlier)                      # (B, n, n)
+    rank = beaten_by.to(torch.int64).sum(dim=2)                             # (B, n), 0 = best
+    slot = rank.unsqueeze(1) == order[:k].view(1, k, 1)                     # (B, k, n) one-hot
+    return (slot.to(torch.int64) * order.view(1, 1, n)).sum(dim=2)          # (B, k)
 
 
 # ---------------------------------------------------------------------------- layers
