@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from edgevit.checkpoint import Checkpoint, file_sha256, library_versions
-from edgevit.errors import EdgeVitError
+from edgevit.errors import EdgeVitError, ValidationError
 from edgevit.sparsity import SparsityConfig
 from edgevit.targets import Target
 
@@ -36,10 +36,6 @@ VALIDATION = "validation.npz"      # up to CompileConfig.images inputs + PyTorch
 VALIDATION_BYTES = 16 << 20
 ARTIFACT_KIND = "edgevit.compiled"
 Log = Callable[[str], None]
-
-
-class ValidationError(EdgeVitError):
-    exit_code = 6
 
 
 @dataclass(frozen=True)

@@ -23,3 +23,15 @@ class CheckpointError(EdgeVitError):
     """A checkpoint that is missing, corrupt, truncated or does not match the model."""
 
     exit_code = 4
+
+
+class DeviceError(EdgeVitError):
+    """An unreachable tracker, an unknown key, or a device that fails to run an artifact."""
+
+    exit_code = 5
+
+
+class ValidationError(EdgeVitError):
+    """A compiled model whose output disagrees with PyTorch's."""
+
+    exit_code = 6

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevit.errors import EdgeVitError
+from edgevit.errors import DeviceError
 
-
-class DeviceError(EdgeVitError):
-    """An unreachable tracker, an unknown key, or a device that fails to run the artifact."""
-
-    exit_code = 5
+__all__ = ["Device", "DeviceError", "Session", "connect"]
 
 
 @dataclass(frozen=True)

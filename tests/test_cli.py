@@ -84,3 +84,20 @@ def test_import_edgevit_stays_light():
     code = "import sys, edgevit; print(any(m.split('.')[0] in ('torch', 'tvm', 'onnxruntime') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["compile", "--target", "jetsn", "--checkpoint", "x.pt", "-o", "out"], 2, "did you mean 'jetson-orin'"),
+    (["verify", "/no/artifact"], 1, "not a compiled artifact"),
+    (["package", "/no/artifact", "-o", "b"], 1, "not a compiled artifact"),
+])
+def test_compile_family_errors(args, code, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == code, result.output
+    assert result.output.startswith("error: ") and message in result.output
+
+
+def test_targets_lists_all(tmp_path):
+    result = run("targets", "--json", str(tmp_path / "t.json"))
+    assert "rasp4b" in result.output and "jetson-orin" in result.output
+    assert {t["name"] for t in json.loads((tmp_path / "t.json").read_text())} >= {"host", "cuda-sm90"}
