@@ -122,11 +122,14 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor):
 
 
 def build(mod, target: Target):
-    """Compile a Relax module for the target with its default pipeline (dlight for CUDA)."""
+    """Compile a Relax module for the target with its pipeline (see schedules.py)."""
     import tvm
 
+    from edgevit.schedules import relax_pipeline
+
+    tvm_target = target.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=target.tvm_target())
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
 
 
 def export_library(executable, target: Target, path: Path) -> None:
