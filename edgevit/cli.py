@@ -106,10 +106,12 @@ def data_cmd(spec: str, img_size: int, seed: int) -> None:
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--teacher", type=click.Path(), default=None, help="DeiT distillation teacher checkpoint.")
+@click.option("--no-augment", is_flag=True, help="Train without random shifts, scaling and flips.")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/train", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
-def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, out_dir, resume, json_path) -> None:
+def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, no_augment, out_dir, resume,
+              json_path) -> None:
     """Train a model; writes OUT/last.pt every epoch and OUT/model.pt at the end."""
     from edgevit.data import load_data
     from edgevit.models import create_model, resolve_model
@@ -119,7 +121,8 @@ def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, out
     _, cfg = resolve_model(model_name, **overrides)
     data = load_data(spec, cfg.img_size, seed or 0)
     model = create_model(model_name, **{"num_classes": data.num_classes, "in_chans": data.channels, **overrides})
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "teacher": teacher}
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "teacher": teacher,
+             "augment": False if no_augment else None}
     try:
         tcfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
     except ValueError as e:

@@ -57,7 +57,8 @@ class SparsityConfig:
 
     @classmethod
     def uniform(cls, model, ratio: float, levels=DEFAULT_LEVELS) -> "SparsityConfig":
-        return cls.for_model(model, [ratio] * sum(knobs_per_stage(model.cfg.depths)), levels)
+        knobs = cls.for_model(model, levels=levels).stage_knobs
+        return cls.for_model(model, [ratio] * sum(knobs), levels)
 
     # -- views ---------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def test_models_lists_the_registry():
 
 def test_train_eval_flops_with_json(idx_dir, tmp_path):
     out = tmp_path / "run"
-    result = run("train", "--data", f"idx:{idx_dir}", "--model", "swin_micro", "--epochs", "2",
+    result = run("train", "--data", f"idx:{idx_dir}", "--model", "swin_micro", "--epochs", "2", "--no-augment",
                  "--batch-size", "16", "--out", str(out), "--json", str(tmp_path / "t.json"))
     assert result.exit_code == 0, result.output
     assert "test top-1" in result.output
