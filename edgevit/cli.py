@@ -86,7 +86,8 @@ def models_cmd() -> None:
 @click.argument("spec")
 @click.option("--img-size", type=int, default=32, show_default=True, help="Resize images to this size.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def data_cmd(spec: str, img_size: int, seed: int) -> None:
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def data_cmd(spec: str, img_size: int, seed: int, json_path) -> None:
     """Check a data SPEC (digits, fashion-mnist[:DIR], idx:DIR, cifar10:DIR, imagefolder:DIR)."""
     from edgevit.data import load_data
 
@@ -94,6 +95,9 @@ def data_cmd(spec: str, img_size: int, seed: int) -> None:
     click.echo(f"{spec}: {d.num_classes} classes, {d.channels} channel(s), "
                f"train {len(d.train)} / val {len(d.val)} / test {len(d.test)}, "
                f"mean {[round(m, 4) for m in d.mean]} std {[round(s, 4) for s in d.std]}")
+    _write_json(json_path, {"spec": spec, "classes": d.train.classes, "channels": d.channels,
+                            "sizes": {s: len(d.split(s)) for s in ("train", "val", "test")},
+                            "mean": d.mean, "std": d.std})
 
 
 @cli.command("train")
@@ -120,6 +124,9 @@ def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, no_
     overrides = _parse_sets(sets)
     _, cfg = resolve_model(model_name, **overrides)
     data = load_data(spec, cfg.img_size, seed or 0)
+    import torch
+
+    torch.manual_seed(seed or 0)  # reproducible weight init
     model = create_model(model_name, **{"num_classes": data.num_classes, "in_chans": data.channels, **overrides})
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "teacher": teacher,
              "augment": False if no_augment else None}

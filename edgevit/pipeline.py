@@ -40,6 +40,9 @@ def _train_stage(recipe: Recipe, data: DataBundle, log: Log, force: bool) -> dic
     from edgevit.train import train
 
     def make() -> Checkpoint:
+        import torch
+
+        torch.manual_seed(recipe.sections["train"].seed)  # weight init is part of the recipe
         model = create_model(recipe.model.name, num_classes=data.num_classes, in_chans=data.channels,
                              **recipe.model.overrides)
         return train(model, data, recipe.sections["train"], stage_dir(recipe, "train"), resume=True,
