@@ -200,7 +200,8 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
             if show_progress:
                 _print_epoch(epoch, cfg.epochs, stats)
             train_state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict(), "run_digest": run_id}
+                           "scheduler": scheduler.state_dict(), "run_digest": run_id,
+                           "torch_rng": torch.get_rng_state()}  # drop-path draws continue on resume
             Checkpoint.from_model(model, metrics={"epoch": epoch, **stats}, train_state=train_state,
                                   **meta).save(out_dir / LAST)
         barrier(d)
@@ -295,6 +296,8 @@ def _resume_or_start(out_dir: Path, run_id: str, model, optimizer, scheduler, re
     load_weights(model, ckpt.state_dict, where=str(last))
     optimizer.load_state_dict(ts["optimizer"])
     scheduler.load_state_dict(ts["scheduler"])
+    if "torch_rng" in ts:
+        torch.set_rng_state(ts["torch_rng"])
     return int(ts["epoch"]) + 1
 
 

@@ -14,8 +14,9 @@ from edgevit.models import create_model
 from edgevit.train import TrainConfig, classification_loss, train, warmup_cosine
 
 
-def tiny_run(data, out, epochs=2, **kw):
-    model = create_model("swin_micro", num_classes=data.num_classes)
+def tiny_run(data, out, epochs=2, drop_path=0.0, **kw):
+    torch.manual_seed(0)  # the same initial weights for every run, as the CLI and recipes do
+    model = create_model("swin_micro", num_classes=data.num_classes, drop_path=drop_path)
     # no augmentation: the synthetic classes are bar positions, which random shifts would move
     return train(model, data, TrainConfig(epochs=epochs, batch_size=16, lr=3e-3, warmup_epochs=0.5, augment=False,
                                           **kw), out,
@@ -33,7 +34,7 @@ def test_learns_a_learnable_set_and_records_metrics(idx_dir, tmp_path):
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(idx_dir, tmp_path, monkeypatch):
     data = load_data(f"idx:{idx_dir}", 16)
-    straight = tiny_run(data, tmp_path / "a", epochs=3)
+    straight = tiny_run(data, tmp_path / "a", epochs=3, drop_path=0.3)   # drop path draws from torch's RNG
     real_epoch = train_mod._train_epoch
     calls = {"n": 0}
 
@@ -44,10 +45,10 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(idx_dir, tmp_path
         return real_epoch(*a, **k)
     monkeypatch.setattr(train_mod, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tiny_run(data, tmp_path / "b", epochs=3)
+        tiny_run(data, tmp_path / "b", epochs=3, drop_path=0.3)
     assert Checkpoint.load(tmp_path / "b" / "last.pt").train_state["epoch"] == 0
     monkeypatch.setattr(train_mod, "_train_epoch", real_epoch)
-    resumed = tiny_run(data, tmp_path / "b", epochs=3)
+    resumed = tiny_run(data, tmp_path / "b", epochs=3, drop_path=0.3)
     for k, v in straight.state_dict.items():
         assert torch.equal(v, resumed.state_dict[k]), k
 
