@@ -14,7 +14,7 @@ import torch
 
 from edgevit.checkpoint import Checkpoint
 from edgevit.data import DataBundle
-from edgevit.sparsity import DEFAULT_LEVELS, SparsityConfig, knobs_per_stage, sample_config
+from edgevit.sparsity import DEFAULT_LEVELS, SparsityConfig, sample_config
 from edgevit.train import TrainConfig, evaluate, train
 
 
@@ -44,9 +44,7 @@ def adapt(checkpoint: Checkpoint, data: DataBundle, cfg: AdaptConfig, out_dir: s
           resume: bool = False, show_progress: bool = True, extra_meta: dict | None = None) -> Checkpoint:
     """Fine-tune `checkpoint` under random per-step sparsity; returns the adapted checkpoint."""
     model = checkpoint.build_model()
-    knobs = knobs_per_stage(model.cfg.depths) if hasattr(model.cfg, "depths") else None
-    if knobs is None:
-        SparsityConfig.for_model(model)  # raises the "swin family only" error
+    knobs = SparsityConfig.for_model(model, levels=cfg.levels).stage_knobs  # swin family only
 
     def sample_sparsity(m: torch.nn.Module, gen: torch.Generator) -> None:
         m.set_sparsity(sample_config(knobs, gen, cfg.levels))
