@@ -118,7 +118,25 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor):
         raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
                            "used by this model; rewrite them with supported ops") from None
     mod, params = relax.frontend.detach_params(mod)
-    return mod, [p.numpy() for p in params.get("main", [])]
+    return precompute_weight_transforms(mod, [p.numpy() for p in params.get("main", [])])
+
+
+def precompute_weight_transforms(mod, weights: list[np.ndarray]):
+    """Run weight-only computations (the transposes nn.Linear's weights get before every matmul)
+    once, at compile time: `main` then takes the transformed weights, the deployed library never
+    computes them, and the matmul reads its weights with the output columns contiguous."""
+    import tvm
+    from tvm import relax
+
+    lifted = relax.transform.LiftTransformParams()(mod)
+    transform = "main_transform_params"
+    if transform not in [gv.name_hint for gv in lifted.functions]:
+        return mod, weights
+    prepare = tvm.IRModule({"main": lifted[transform].with_attr("global_symbol", "main")})
+    vm = relax.VirtualMachine(tvm.compile(prepare, target="llvm"), tvm.cpu())
+    transformed = vm["main"]([tvm.runtime.tensor(w) for w in weights])
+    main_only = tvm.IRModule({"main": lifted["main"]})
+    return main_only, [t.numpy() for t in transformed]
 
 
 def build(mod, target: Target):

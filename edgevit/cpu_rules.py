@@ -1,0 +1,177 @@
+"""edgevit's default CPU schedules (dlight rules), applied to every kernel no tuning record covers.
+
+A ViT on CPU is matmuls (qkv, proj, MLP, attention), softmax, layer norm and injective glue
+(reshapes, window partition / gather / scatter, GELU, residual adds). TVM 0.27 schedules none
+of them for CPU by default. These rules give each a sensible untuned schedule:
+
+- `Matmul`: one reduction block `C[..., i, j] = sum_k ...` (dense, batched matmul, patch conv).
+  Register tile of MR rows x NR columns (NR = two vector registers) accumulated in a local
+  buffer, the reduction outside the tile, tiles spread over threads, the elementwise epilogue
+  (bias, GELU, residual add) computed in the write-back so the output is written once.
+- dlight's `cpu.GEMV` (batch-1 classifier head) and `cpu.Reduction` (softmax, layer norm).
+- `Injective`: everything inlined into the last block, flattened, split into vectors, and
+  split across threads only when there is enough work to pay for waking them.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import get_extent
+from tvm.target.codegen import target_has_features
+
+ROWS_PER_TILE = 4           # MR: rows of the register tile (4 x 2 vectors = 8 accumulators)
+VECTORS_PER_TILE = 2        # NR = 2 vector registers wide
+PARALLEL_MIN_ELEMENTS = 1 << 14   # below this an injective kernel runs on one thread
+
+
+def fp32_lanes(target) -> int:
+    """fp32 lanes of the widest vector register the target's CPU features give. (LLVM's own
+    `llvm_get_vector_width` says 512 for AVX2-only Zen 3, which made every tile spill.)"""
+    for feature, lanes in (("avx512f", 16), ("avx", 8), ("neon", 4), ("asimd", 4)):
+        try:
+            if target_has_features(feature, target):
+                return lanes
+        except Exception:  # noqa: BLE001 - unknown feature name for this architecture
+            continue
+    return 4
+
+
+def _is_scheduled(func) -> bool:
+    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
+
+
+class Matmul(dl.ScheduleRule):
+    """Register-tiled matmul / batched matmul with a fused elementwise epilogue."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" or _is_scheduled(func):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1 or not _spatial_then_reduce(reductions[0].dom_kind()):
+            return None
+        main = reductions[0]
+        position = [b.block_rv for b in infos].index(main.block_rv)
+        for producer in reversed(infos[:position]):
+            sch.compute_inline(producer.block_rv)       # raises if not inlinable: the rule declines
+        epilogue = [b.block_rv for b in infos[position + 1:]]
+        lanes = fp32_lanes(target)
+        dom_kind = main.dom_kind()
+        rows, cols = self._tile_shape(sch, main.block_rv, dom_kind, lanes)
+        unpad = self._pad_ragged(sch, main.block_rv, dom_kind, rows, cols)
+        write_back = sch.cache_write(main.block_rv, 0, "local")
+        for consumer in epilogue:
+            sch.reverse_compute_inline(consumer)
+        self._tile(sch, main.block_rv, write_back, dom_kind, rows, cols, lanes)
+        for copy in unpad:
+            _vectorize_copy(sch, copy, lanes)
+        return sch
+
+    @staticmethod
+    def _tile_shape(sch, block, dom_kind: str, lanes: int) -> tuple[int, int]:
+        """(MR, NR): NR is two vector registers, or one when that divides the columns evenly."""
+        loops = sch.get_loops(block)
+        n_spatial = dom_kind.index("R")
+        j_extent = get_extent(sch, loops[n_spatial - 1])
+        cols = lanes * VECTORS_PER_TILE
+        if isinstance(j_extent, int) and j_extent % cols and (j_extent % lanes == 0 or j_extent < cols):
+            cols = lanes
+        return (ROWS_PER_TILE if n_spatial >= 2 else 1), cols
+
+    @staticmethod
+    def _pad_ragged(sch, block, dom_kind: str, rows: int, cols: int) -> list:
+        """Pad ragged columns (65 tokens, 49-token windows, 10 classes) up to whole vectors: a
+        predicated vector loop is scalarised. Returns the copy blocks pad_einsum adds."""
+        loops = sch.get_loops(block)
+        n_spatial = dom_kind.index("R")
+        extents = [get_extent(sch, lp) for lp in loops]
+        padding = [1] * len(loops)
+        padding[n_spatial - 1] = cols    # ragged rows only cost a predicate on unrolled rows
+        if all(not isinstance(e, int) or e % p == 0 for e, p in zip(extents, padding)):
+            return []
+        before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        sch.pad_einsum(block, padding)
+        return [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                if sch.get(b).name_hint not in before]
+
+    @staticmethod
+    def _tile(sch, block, write_back, dom_kind: str, rows: int, cols: int, lanes: int) -> None:
+        """Loops: parallel(batch, column tiles, row tiles) > reduction > MR rows (unrolled) >
+        NR columns (vectorised); the local accumulator tile is written back once per tile."""
+        loops = sch.get_loops(block)
+        n_spatial = dom_kind.index("R")
+        spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+        *batch, j = spatial
+        i = batch.pop() if batch else None
+        jo, ji = sch.split(j, [None, cols])
+        if i is not None:
+            io, ii = sch.split(i, [None, rows])
+            outer, inner = [*batch, jo, io], [ii, ji]
+        else:
+            outer, inner = [*batch, jo], [ji]
+        sch.reorder(*outer, *reduce, *inner)
+        tile = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        sch.parallel(tile)
+        sch.reverse_compute_at(write_back, tile)
+        sch.vectorize(ji)
+        if i is not None:
+            sch.unroll(inner[0])
+        sch.decompose_reduction(block, reduce[0])
+        _vectorize_copy(sch, write_back, lanes, parallel=False)
+
+
+def _vectorize_copy(sch, block, lanes: int, parallel: bool = True) -> None:
+    """Vectorise a copy block's innermost loop (whole vectors only) and thread its outer loop."""
+    loops = sch.get_loops(block)
+    inner = loops[-1]
+    extent = get_extent(sch, inner)
+    if isinstance(extent, int) and extent % lanes == 0:
+        sch.vectorize(sch.split(inner, [None, lanes])[1])
+    if parallel and len(loops) > 1:
+        sch.parallel(loops[0])
+
+
+def _spatial_then_reduce(dom_kind: str) -> bool:
+    s = dom_kind.rstrip("R")
+    return "R" in dom_kind and len(s) >= 1 and set(s) == {"S"}
+
+
+class Injective(dl.ScheduleRule):
+    """Reshapes, transposes, window gather/scatter, elementwise: one parallel vector loop."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" or _is_scheduled(func):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(b.is_injective() for b in infos):
+            return None
+        for producer in reversed(infos[:-1]):
+            try:
+                sch.compute_inline(producer.block_rv)
+            except s_tir.ScheduleError:
+                return None
+        block = infos[-1].block_rv
+        loops = sch.get_loops(block)
+        if not loops:
+            return None
+        flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = get_extent(sch, flat)
+        lanes = fp32_lanes(target)
+        if not isinstance(extent, int) or extent < lanes:
+            return sch
+        outer, vector = sch.split(flat, [None, lanes])
+        sch.vectorize(vector)
+        if extent >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(outer)
+        return sch
+
+
+def cpu_rules() -> list:
+    """In the order they are tried; each declines (returns None) what it does not fit."""
+    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Injective()]
