@@ -274,9 +274,12 @@ def targets_cmd(json_path) -> None:
 @click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
+@click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
-def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, out_dir, json_path) -> None:
+def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, database, no_tuning, out_dir,
+                json_path) -> None:
     """Compile a checkpoint with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, compile_model
@@ -286,7 +289,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
     try:
-        cfg = CompileConfig(batch=batch, validate=not no_validate)
+        cfg = CompileConfig(batch=batch, validate=not no_validate, tuning=not no_tuning, database=database)
     except ValueError as e:
         raise EdgeVitError(f"compile: {e}") from None
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)
@@ -296,6 +299,116 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
                f"-> {out_dir} ({size / 1e6:.2f} MB)")
     _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m["compile_seconds"],
                             "bytes": size, "validation": m["validation"], "sparsity": m["sparsity"]})
+
+
+@cli.command("tune")
+@click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint whose kernels to tune.")
+@click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--trials", type=int, default=64, show_default=True, help="Candidates measured per kernel.")
+@click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: tune here.")
+@click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, database, rpc, key, json_path) -> None:
+    """MetaSchedule-tune a model's kernels into the database `compile` uses (resumable)."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.runtime import Device
+    from edgevit.targets import load_target
+    from edgevit.tune import TuneConfig, tune_model
+
+    target = load_target(target_name)
+    ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    config = _sparsity_from(ckpt.build_model(), sparsity)
+    try:
+        cfg = TuneConfig(trials_per_kernel=trials)
+    except ValueError as e:
+        raise EdgeVitError(f"tune: {e}") from None
+    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
+    report = tune_model(ckpt, target, config, cfg, database, device, batch, log=click.echo)
+    click.echo(f"tuned {len(report.kernels)} kernels in {report.seconds:.0f} s: kernel time "
+               f"{report.estimate_ms('default_ms'):.3f} ms (default rules) -> {report.estimate_ms('best_ms'):.3f} ms; "
+               f"database {report.database}")
+    _write_json(json_path, report.to_dict())
+
+
+@cli.command("profile")
+@click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Swin-family checkpoint.")
+@click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
+@click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
+@click.option("--validate", "validate_n", type=int, default=0, help="Also measure N random configs end to end.")
+@click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
+@click.option("-o", "--out", "out_path", default=None, type=click.Path(), help="Table path; default under runs/latency/.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n, no_tuning, out_path,
+                json_path) -> None:
+    """Measure a latency table on the target (each knob at each sparsity level, compiled as deployed)."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.latency import ProfileConfig, ensure_table
+    from edgevit.runtime import Device
+    from edgevit.targets import load_target
+
+    target = load_target(target_name)
+    ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    _sparsity_from(ckpt.build_model(), "0.0")  # a one-line error for models without windows
+    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
+    table, path = ensure_table(ckpt, target, device, ProfileConfig(batch=batch), out_path, not no_tuning,
+                               validate_n, log=click.echo)
+    click.echo(f"{path}: dense {table.dense_ms:.3f} ms, {sum(len(d) for d in table.deltas)} units, overhead "
+               f"{table.overhead_ms:+.3f} ms")
+    _write_json(json_path, table.to_dict())
+
+
+@cli.command("search")
+@click.option("--budget", required=True, help="Latency budget on the target: 20ms, 500us.")
+@click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Sparsity-adapted checkpoint.")
+@click.option("--table", "table_path", default=None, type=click.Path(),
+              help="Latency table; default: the target's, profiled now if missing.")
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
+@click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
+@click.option("--evaluations", type=int, default=500, show_default=True, help="Distinct accuracy evaluations.")
+@click.option("--population", type=int, default=100, show_default=True)
+@click.option("--val-images", type=int, default=2000, show_default=True, help="Validation images scoring each config.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--finetune", "finetune_epochs", type=int, default=0, help="Fine-tune the chosen config for N epochs.")
+@click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
+@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="SearchResult JSON to write.")
+@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations, population, val_images, seed,
+               finetune_epochs, no_tuning, out_path, json_path) -> None:
+    """Find the most accurate per-knob sparsity config whose latency on the target fits the budget."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.search import SearchConfig, parse_budget, run_search
+    from edgevit.targets import load_target
+
+    target = load_target(target_name)
+    ckpt = Checkpoint.load(ckpt_path)
+    _sparsity_from(ckpt.build_model(), "0.0")
+    try:
+        cfg = SearchConfig(budget_ms=parse_budget(budget), population=population, parents=max(2, population // 4),
+                           evaluations=evaluations, val_images=val_images, seed=seed)
+    except ValueError as e:
+        raise EdgeVitError(f"search: {e}") from None
+    from edgevit.runtime import Device
+
+    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
+    result = run_search(ckpt, target, cfg, out_path, table_path, device, not no_tuning, finetune_epochs,
+                        log=click.echo)
+    click.echo(f"chosen {result.sparsity['ratios']}: val top-1 {result.val_top1:.2f}%, test top-1 "
+               f"{result.test_top1:.2f}%" + (f" ({result.finetuned_test_top1:.2f}% after fine-tuning)"
+                                               if result.finetuned_test_top1 is not None else "")
+               + f"; predicted {result.predicted_ms:.3f} ms, measured {result.measured_ms:.3f} ms "
+               f"(budget {result.budget_ms:g} ms); {result.evaluations} evaluations in {result.seconds:.0f} s")
+    click.echo("pareto front (predicted ms, val top-1): " + ", ".join(
+        f"{p['predicted_ms']:.3f}/{p['val_top1']:.2f}" for p in result.pareto))
+    click.echo(f"wrote {out_path} (compile it: edgevit compile --sparsity {out_path} ...)")
+    _write_json(json_path, result.to_dict())
 
 
 @cli.command("verify")

@@ -46,6 +46,8 @@ class CompileConfig:
     max_abs_error: float = 1e-3      # fail past this on logits
     min_top1_agreement: float = 99.0  # % of images whose top-1 class matches PyTorch's
     images: int = 64                 # real validation images (from the checkpoint's data set)
+    tuning: bool = True              # use the target's tuning database (`edgevit tune`) if it has records
+    database: str | None = None      # a tuning database folder other than the target's default
 
     def __post_init__(self):
         if self.batch < 1:
@@ -139,15 +141,32 @@ def precompute_weight_transforms(mod, weights: list[np.ndarray]):
     return main_only, [t.numpy() for t in transformed]
 
 
-def build(mod, target: Target):
-    """Compile a Relax module for the target with its pipeline (see schedules.py)."""
+def build(mod, target: Target, database: str | Path | None = None):
+    """Compile a Relax module for the target with its pipeline (see schedules.py); kernels the
+    tuning `database` holds come from it, the rest from edgevit's default rules."""
     import tvm
 
     from edgevit.schedules import relax_pipeline
 
     tvm_target = target.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+        return tvm.compile(mod, target=tvm_target,
+                           relax_pipeline=relax_pipeline(tvm_target, str(database) if database else None))
+
+
+def schedule_source(target: Target, cfg: CompileConfig) -> tuple[str, Path | None]:
+    """("rules", None) or ("tuned:<digest of the database's records>", folder)."""
+    from edgevit.tune import database_dir, has_records
+
+    if not cfg.tuning:
+        return "rules", None
+    folder = Path(cfg.database) if cfg.database else database_dir(target)
+    if cfg.database and not has_records(folder):
+        raise EdgeVitError(f"{folder}: no tuning records there; run `edgevit tune` first or drop --database")
+    if not has_records(folder):
+        return "rules", None
+    digest = file_sha256(folder / "database_tuning_record.json")[:12]
+    return f"tuned:{digest}", folder
 
 
 def export_library(executable, target: Target, path: Path) -> None:
@@ -230,7 +249,9 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
     shape = (cfg.batch, c.in_chans, c.img_size, c.img_size)
     start = time.perf_counter()
     mod, weights = encode(*to_relax(model, torch.zeros(shape)))
-    executable = build(mod, target)
+    schedule_source_name, database = schedule_source(target, cfg)
+    executable = build(mod, target, database)
+    log(f"schedules: {schedule_source_name}" + (f" ({database})" if database else " (edgevit's default rules)"))
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -242,6 +263,7 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         inputs, source = validation_inputs(ckpt, shape, cfg.images)
         reference = save_references(model, inputs, cfg.batch, tmp)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, shape, reference, source, compile_seconds, tmp)
+        manifest["schedules"] = {"source": schedule_source_name, "database": str(database) if database else None}
         manifest["validation"] = _validate(tmp, target, model, inputs, source, cfg, log)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _publish(tmp, out_dir)

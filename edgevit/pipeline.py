@@ -85,7 +85,47 @@ def _eval_stage(recipe: Recipe, data: DataBundle, log: Log, force: bool) -> dict
     return out
 
 
-STAGE_RUNNERS = {"train": _train_stage, "adapt": _adapt_stage, "eval": _eval_stage}
+def _searched_checkpoint(recipe: Recipe) -> Checkpoint:
+    return _require(recipe, "adapt" if "adapt" in recipe.stages or (stage_dir(recipe, "adapt") / "model.pt").exists()
+                    else "train")
+
+
+def _profile_stage(recipe: Recipe, data: DataBundle, log: Log, force: bool) -> dict:
+    """Latency table on [profile].target (reused while model, target and schedules match)."""
+    from edgevit.latency import ProfileConfig, ensure_table
+    from edgevit.targets import load_target
+
+    cfg = recipe.sections["profile"]
+    path = stage_dir(recipe, "profile") / "latency.json"
+    if force:
+        path.unlink(missing_ok=True)
+    table, _ = ensure_table(_searched_checkpoint(recipe), load_target(cfg.target), None,
+                            ProfileConfig(batch=cfg.batch), path, cfg.tuning, cfg.validate, log)
+    return {"table": str(path), "dense_ms": table.dense_ms, "overhead_ms": table.overhead_ms,
+            "validation": {k: v for k, v in (table.validation or {}).items() if k != "rows"}}
+
+
+def _search_stage(recipe: Recipe, data: DataBundle, log: Log, force: bool) -> dict:
+    """Evolutionary search under [search].budget; writes OUT/search/result.json."""
+    from edgevit.search import SearchConfig, parse_budget, run_search
+    from edgevit.targets import load_target
+
+    cfg, prof = recipe.sections["search"], recipe.sections["profile"]
+    out = stage_dir(recipe, "search") / "result.json"
+    scfg = SearchConfig(budget_ms=parse_budget(cfg.budget), population=cfg.population,
+                        parents=max(2, cfg.population // 4), evaluations=cfg.evaluations,
+                        val_images=cfg.val_images, seed=cfg.seed)
+    table = stage_dir(recipe, "profile") / "latency.json"
+    result = run_search(_searched_checkpoint(recipe), load_target(prof.target), scfg, out,
+                        table if table.exists() else None, None, prof.tuning, cfg.finetune, log)
+    log(f"search: {result.sparsity['ratios']} val {result.val_top1:.2f}% test {result.test_top1:.2f}%, measured "
+        f"{result.measured_ms:.3f} ms within {result.budget_ms:g} ms -> {out}")
+    return {"result": str(out), "ratios": result.sparsity["ratios"], "test_top1": result.test_top1,
+            "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms}
+
+
+STAGE_RUNNERS = {"train": _train_stage, "adapt": _adapt_stage, "eval": _eval_stage, "profile": _profile_stage,
+                 "search": _search_stage}
 
 
 def _meta(recipe: Recipe, stage: str) -> dict:

@@ -65,7 +65,40 @@ class Recipe:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-STAGE_ORDER = ["train", "adapt", "eval"]
+STAGE_ORDER = ["train", "adapt", "eval", "profile", "search"]
+
+
+@dataclass(frozen=True)
+class ProfileStageConfig:
+    """[profile]: latency table of the adapted (else trained) model on a target."""
+
+    target: str = "host"
+    batch: int = 1
+    validate: int = 0            # random configs measured end to end against the predictor
+    tuning: bool = True          # use the target's tuning database when it has records
+
+    def __post_init__(self):
+        if self.batch < 1 or self.validate < 0:
+            raise ValueError("batch must be >= 1 and validate >= 0")
+
+
+@dataclass(frozen=True)
+class SearchStageConfig:
+    """[search]: per-knob sparsity under a latency budget on [profile]'s target."""
+
+    budget: str = "1ms"
+    evaluations: int = 500
+    population: int = 100
+    val_images: int = 2000
+    seed: int = 0
+    finetune: int = 0
+
+    def __post_init__(self):
+        from edgevit.search import parse_budget
+
+        parse_budget(self.budget)
+        if self.evaluations < 1 or self.population < 4:
+            raise ValueError("evaluations must be >= 1 and population >= 4")
 
 
 @dataclass(frozen=True)
@@ -87,7 +120,8 @@ def section_types() -> dict[str, type]:
     from edgevit.adapt import AdaptConfig
     from edgevit.train import TrainConfig
 
-    return {"train": TrainConfig, "adapt": AdaptConfig, "eval": EvalConfig}
+    return {"train": TrainConfig, "adapt": AdaptConfig, "eval": EvalConfig, "profile": ProfileStageConfig,
+            "search": SearchStageConfig}
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -46,17 +46,12 @@ def schedule_passes(target) -> list:
     return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in cpu_rules()])]
 
 
-def relax_pipeline(target, database: str | None = None):
-    """The module pass that lowers an imported Relax module for `target` (a tvm Target); with a
-    MetaSchedule `database` folder, tuned kernels come from it and the rules do the rest."""
-    import tvm
+def prepare_passes(target) -> list:
+    """Fast math (CPU), legalize and fuse: the kernels these produce are what gets scheduled,
+    by the database (tuned) or by the rules, and what `tune` searches."""
     from tvm import relax
 
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
-    from tvm.relax.backend.cuda import pipeline as cuda
-
-    backend = cuda if target.kind.name == "cuda" else cpu
-    legalize = ([] if target.kind.name == "cuda" else [fast_math_pass()]) + [
+    return ([] if target.kind.name == "cuda" else [fast_math_pass()]) + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
@@ -64,13 +59,36 @@ def relax_pipeline(target, database: str | None = None):
         relax.transform.FuseTIR(),
     ]
 
+
+def fused_module(mod, target):
+    """The module after library dispatch and prepare_passes (for task extraction)."""
+    import tvm
+
+    backend = _backend(target)
+    with target, tvm.transform.PassContext(opt_level=3):
+        return tvm.transform.Sequential(backend.library_dispatch_passes(target) + prepare_passes(target))(mod)
+
+
+def _backend(target):
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    return cuda if target.kind.name == "cuda" else cpu
+
+
+def relax_pipeline(target, database: str | None = None):
+    """The module pass that lowers an imported Relax module for `target` (a tvm Target); with a
+    MetaSchedule `database` folder, tuned kernels come from it and the rules do the rest."""
+    import tvm
+
+    backend = _backend(target)
+
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                backend.library_dispatch_passes(target) + legalize + apply_database(database)
-                + schedule_passes(target)
-                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+                backend.library_dispatch_passes(target) + prepare_passes(target) + apply_database(database)
+                + schedule_passes(target) + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
             return seq(mod)
 
     return pipeline
@@ -123,3 +141,17 @@ def fast_math_pass():
         return rewriter.builder_.get()
 
     return transform
+
+
+def export_kernel_library(mod, cross_compiler: str | None = None) -> str:
+    """MetaSchedule's export step for edgevit: a shared library (cross-compiled for ARM), which a
+    runtime-only device can load, where TVM's default exports a tar the device would have to link.
+    Lives here, not in tune.py, so MetaSchedule's build workers do not import torch."""
+    import os
+    import tempfile
+
+    import tvm.support.cc as cc
+
+    path = os.path.join(tempfile.mkdtemp(prefix="edgevit-ms-"), "kernel.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler) if cross_compiler else None)
+    return path

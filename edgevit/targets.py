@@ -82,10 +82,13 @@ class Target:
 
 
 def _resolve_native(spec: dict) -> dict:
+    """mcpu = "native": this machine's CPU name and physical core count (MetaSchedule needs it)."""
     if spec.get("mcpu") == "native":
+        import psutil
         import tvm
 
         spec["mcpu"] = tvm.target.codegen.llvm_get_system_cpu()
+        spec.setdefault("num-cores", psutil.cpu_count(logical=False) or os.cpu_count() or 1)
     return spec
 
 

@@ -72,3 +72,17 @@ def folder_dir(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tuning_databases(tmp_path_factory):
+    """Tests never read or write the user's tuning databases (~/.cache/edgevit/tuning)."""
+    import os
+
+    old = os.environ.get("EDGEVIT_TUNING_DIR")
+    os.environ["EDGEVIT_TUNING_DIR"] = str(tmp_path_factory.mktemp("tuning"))
+    yield
+    if old is None:
+        os.environ.pop("EDGEVIT_TUNING_DIR", None)
+    else:
+        os.environ["EDGEVIT_TUNING_DIR"] = old

@@ -1,0 +1,289 @@
+"""`profile`: a latency table measured on the target, and the predictor `search` uses.
+
+What is measured is what deployment runs: each config is compiled by `compile`'s own steps
+(same pipeline, same tuning database) and timed on the target by TVM's time_evaluator, here or
+on a device through the RPC tracker. The units are the prunable knobs (a pair of blocks sharing
+a ratio): a knob's cost depends only on how many windows it keeps, k = max(1, floor(nW (1 - r))),
+so the table holds, per knob, the latency change against the dense model for every distinct k:
+
+    predicted(config) = dense + sum over knobs of delta[knob][k] + overhead
+
+`overhead` is calibrated on a few random full configs (what the sum misses once TVM fuses
+operators and stages share their window ranking). `validate` measures fresh random configs end
+to end against the prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.fileio import write_json
+from edgevit.runtime import Device
+from edgevit.sparsity import SparsityConfig, sample_config
+from edgevit.targets import Target
+
+TABLE_KIND = "edgevit.latency_table"
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------- the model's units
+
+
+def knob_windows(model) -> list[int]:
+    """Windows per knob (the stage's window count for each pair of blocks)."""
+    counts = []
+    for stage in model.layers:
+        counts.extend(stage.blocks[b].num_windows for b in range(0, len(stage.blocks), 2))
+    return counts
+
+
+def keep_counts(model, config: SparsityConfig) -> tuple[int, ...]:
+    """Windows each knob keeps under `config` (== the window count: the knob runs dense)."""
+    from edgevit.models.swin import keep_count
+
+    return tuple(keep_count(n, r) for n, r in zip(knob_windows(model), config.ratios))
+
+
+def single_knob_ratios(config_knobs: tuple[int, ...], knob: int, ratio: float) -> list[list[float]]:
+    """Per-stage knob ratios with only `knob` pruned (for profiling one unit at a time)."""
+    ratios = [0.0] * sum(config_knobs)
+    ratios[knob] = ratio
+    out, i = [], 0
+    for n in config_knobs:
+        out.append(ratios[i:i + n])
+        i += n
+    return out
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    key: dict                                   # model, config digest, input, batch, target, schedules
+    dense_ms: float
+    deltas: list[dict[int, float]]              # per knob: {windows kept: ms against dense}
+    windows: list[int]                          # windows per knob
+    overhead_ms: float = 0.0
+    calibration: list[dict] = field(default_factory=list)
+    validation: dict | None = None
+
+    def predict(self, keep: tuple[int, ...]) -> float:
+        if len(keep) != len(self.windows):
+            raise ConfigError(f"config has {len(keep)} knobs; the latency table has {len(self.windows)}")
+        total = self.dense_ms + self.overhead_ms * any(k < n for k, n in zip(keep, self.windows))
+        for knob, (k, n) in enumerate(zip(keep, self.windows)):
+            if k < n:
+                total += self.deltas[knob][k]
+        return total
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["deltas"] = [{str(k): v for k, v in unit.items()} for unit in self.deltas]
+        return {"kind": TABLE_KIND, "version": 1, **d}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyTable":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeVitError(f"{path}: no latency table; measure one with `edgevit profile`")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise EdgeVitError(f"{path}: malformed latency table ({e}); profile again") from None
+        if not isinstance(d, dict) or d.get("kind") != TABLE_KIND:
+            raise EdgeVitError(f"{path}: not a latency table (kind {d.get('kind') if isinstance(d, dict) else '?'})")
+        return cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
+                   d["windows"], d.get("overhead_ms", 0.0), d.get("calibration", []), d.get("validation"))
+
+
+def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> dict:
+    c = ckpt.model_config
+    digest = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"model": ckpt.model_name, "model_config": digest, "input": [batch, c.get("in_chans"), c.get("img_size"),
+            c.get("img_size")], "batch": batch, "target": target.name, "tvm_target": str(target.tvm_target()),
+            "schedules": schedules}
+
+
+def default_table_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return Path("runs") / "latency" / f"{key['model']}-{key['target']}-b{key['batch']}-{digest}.json"
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    batch: int = 1
+    calibrate: int = 6          # random configs that fit the overhead term
+    repeat: int = 15            # timed repeats per config (median)
+    min_repeat_ms: float = 30.0  # each repeat runs the model this long (several calls when fast)
+    seed: int = 0
+
+
+class Measurer:
+    """Compiles a model config exactly as `compile` does and times it on the target."""
+
+    def __init__(self, ckpt: Checkpoint, target: Target, device: Device | None, cfg: ProfileConfig,
+                 tuning: bool = True):
+        from edgevit.compile import CompileConfig, schedule_source
+
+        self.ckpt, self.target, self.cfg = ckpt, target, cfg
+        self.device = device or Device(target.device)
+        if not target.runs_here and self.device.rpc is None:
+            raise EdgeVitError(f"target '{target.name}' ({target.arch}) does not run on this machine; measure on "
+                               "the device: --rpc HOST:PORT --key KEY (see `edgevit emulator start`)")
+        self.schedules, self.database = schedule_source(target, CompileConfig(tuning=tuning))
+        self.model = ckpt.build_model().eval()
+        self.measured = 0
+
+    def __call__(self, block_ratios: list[list[float]]) -> float:
+        """Median latency (ms) of the model with these per-stage knob ratios."""
+        from edgevit.compile import build, export_library, save_weights, to_relax
+        from edgevit.runtime import Session
+
+        depths = tuple(self.model.cfg.depths)
+        self.model.set_block_ratios([[knobs[b // 2] for b in range(d)] for knobs, d in zip(block_ratios, depths)])
+        c = self.model.cfg
+        x = torch.zeros(self.cfg.batch, c.in_chans, c.img_size, c.img_size)
+        mod, weights = to_relax(self.model, x)
+        executable = build(mod, self.target, self.database)
+        with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp:
+            lib, params = Path(tmp) / "model.so", Path(tmp) / "weights.params"
+            export_library(executable, self.target, lib)
+            save_weights(weights, params)
+            session = Session(self.device, lib, params)
+            sample = np.random.default_rng(0).standard_normal(tuple(x.shape), dtype=np.float32)
+            first = statistics.median(session.time_ms(sample, number=1, repeat=3))
+            number = max(1, math.ceil(self.cfg.min_repeat_ms / max(first, 1e-3)))
+            self.measured += 1
+            return statistics.median(session.time_ms(sample, number=number, repeat=self.cfg.repeat))
+
+
+# ---------------------------------------------------------------------------- the verbs
+
+
+def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg: ProfileConfig = ProfileConfig(),
+            tuning: bool = True, log: Log = print) -> LatencyTable:
+    """Measure dense, every (knob, k) unit alone, and `cfg.calibrate` random configs."""
+    from tqdm import tqdm
+
+    measure = Measurer(ckpt, target, device, cfg, tuning)
+    model = measure.model
+    base = SparsityConfig.for_model(model)
+    windows = knob_windows(model)
+    units = _distinct_units(windows, base.levels)
+    log(f"profiling {ckpt.model_name} on {target.name} ({measure.device.label}, schedules {measure.schedules}): "
+        f"dense + {len(units)} units + {cfg.calibrate} calibration configs")
+    bar = tqdm(total=1 + len(units) + cfg.calibrate, unit="build", desc="profile", leave=False)
+    dense = measure(base.per_stage())
+    bar.update()
+    deltas: list[dict[int, float]] = [{} for _ in windows]
+    for knob, k, ratio in units:
+        deltas[knob][k] = measure(single_knob_ratios(base.stage_knobs, knob, ratio)) - dense
+        bar.update()
+    table = LatencyTable(table_key(ckpt, target, cfg.batch, measure.schedules), dense, deltas, windows)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    calibration = []
+    for config in _random_sparse_configs(base, rng, cfg.calibrate):
+        keep = keep_counts(model, config)
+        calibration.append({"ratios": list(config.ratios), "sum_ms": table.predict(keep),
+                            "measured_ms": measure(config.per_stage())})
+        bar.update()
+    bar.close()
+    overhead = statistics.fmean(c["measured_ms"] - c["sum_ms"] for c in calibration) if calibration else 0.0
+    return LatencyTable(table.key, dense, deltas, windows, overhead, calibration)
+
+
+def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, device: Device | None = None,
+             cfg: ProfileConfig = ProfileConfig(), log: Log = print) -> dict:
+    """Compile and measure `n` fresh random configs; absolute percentage error of the predictor."""
+    from tqdm import tqdm
+
+    measure = Measurer(ckpt, target, device, cfg, tuning=table.key["schedules"] != "rules")
+    base = SparsityConfig.for_model(measure.model)
+    rng = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    rows = []
+    for config in tqdm(_random_sparse_configs(base, rng, n), total=n, unit="config", desc="validate", leave=False):
+        predicted = table.predict(keep_counts(measure.model, config))
+        measured = measure(config.per_stage())
+        rows.append({"ratios": list(config.ratios), "predicted_ms": predicted, "measured_ms": measured,
+                     "ape": abs(predicted - measured) / measured * 100})
+    apes = [r["ape"] for r in rows]
+    result = {"configs": n, "mape": statistics.fmean(apes), "max_ape": max(apes),
+              "within_10pct": 100.0 * sum(a <= 10 for a in apes) / n, "rows": rows}
+    log(f"predictor on {n} random configs: mean abs error {result['mape']:.2f}%, max {result['max_ape']:.2f}%, "
+        f"{result['within_10pct']:.0f}% within +-10%")
+    return result
+
+
+def _distinct_units(windows: list[int], levels) -> list[tuple[int, int, float]]:
+    """(knob, k, smallest ratio giving k) for every k < windows the levels can reach."""
+    from edgevit.models.swin import keep_count
+
+    units = []
+    for knob, n in enumerate(windows):
+        seen = set()
+        for r in levels:
+            k = keep_count(n, r)
+            if r > 0 and k < n and k not in seen:
+                seen.add(k)
+                units.append((knob, k, r))
+    return units
+
+
+def _random_sparse_configs(base: SparsityConfig, rng: torch.Generator, n: int) -> list[SparsityConfig]:
+    out = []
+    while len(out) < n:
+        config = sample_config(base.stage_knobs, rng, base.levels)
+        if not config.is_dense:
+            out.append(config)
+    return out
+
+
+def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: ProfileConfig,
+                 path: str | Path | None = None, tuning: bool = True, validate_n: int = 0,
+                 log: Log = print) -> tuple[LatencyTable, Path]:
+    """The table for this model/target/schedules: loaded when it exists and matches, else profiled
+    (and saved). `validate_n` > 0 measures that many random configs into its `validation`."""
+    from edgevit.compile import CompileConfig, schedule_source
+
+    source, _ = schedule_source(target, CompileConfig(tuning=tuning))
+    key = table_key(ckpt, target, cfg.batch, source)
+    path = Path(path) if path else default_table_path(key)
+    table = None
+    if path.is_file():
+        table = LatencyTable.load(path)
+        if table.key != key:
+            log(f"{path}: made for {table.key['model']} on {table.key['target']} with schedules "
+                f"{table.key['schedules']}; profiling again for this model, target and schedules")
+            table = None
+        else:
+            log(f"latency table {path} (dense {table.dense_ms:.3f} ms)")
+    if table is None:
+        table = profile(ckpt, target, device, cfg, tuning, log)
+        table.save(path)
+        log(f"wrote latency table {path}: dense {table.dense_ms:.3f} ms, calibrated overhead "
+            f"{table.overhead_ms:+.3f} ms")
+    if validate_n:
+        result = validate(table, ckpt, target, validate_n, device, cfg, log)
+        table = LatencyTable(table.key, table.dense_ms, table.deltas, table.windows, table.overhead_ms,
+                             table.calibration, result)
+        table.save(path)
+    return table, path

@@ -1,0 +1,86 @@
+"""edgevit's default CPU schedules: they apply to the ViT kernels, keep the numerics, and vectorise."""
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import te  # noqa: E402
+
+from edgevit.cpu_rules import Injective, Matmul, cpu_rules, fp32_lanes  # noqa: E402
+from edgevit.targets import load_target  # noqa: E402
+from edgevit.tune import select_kernels  # noqa: E402
+
+pytestmark = pytest.mark.tvm
+
+
+def host():
+    return load_target("host").tvm_target()
+
+
+def matmul_bias_gelu(batch: int, m: int, k: int, n: int):
+    """(batch, m, k) @ (batch, k, n) + bias, then tanh-free GELU-like epilogue (x * sigmoid(x))."""
+    a = te.placeholder((batch, m, k), name="A")
+    b = te.placeholder((batch, k, n), name="B")
+    bias = te.placeholder((n,), name="bias")
+    r = te.reduce_axis((0, k), name="k")
+    c = te.compute((batch, m, n), lambda z, i, j: te.sum(a[z, i, r] * b[z, r, j], axis=r), name="matmul")
+    d = te.compute((batch, m, n), lambda z, i, j: c[z, i, j] + bias[j], name="T_add")
+    e = te.compute((batch, m, n), lambda z, i, j: d[z, i, j] * te.sigmoid(d[z, i, j]), name="act")
+    return te.create_prim_func([a, b, bias, e])
+
+
+def run(func, *arrays, out_shape):
+    lib = tvm.compile(func, target=host()).mod
+    args = [tvm.runtime.tensor(x) for x in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"))]
+    lib["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("shape", [(1, 65, 192, 576), (3, 65, 64, 65), (192, 49, 32, 49), (1, 1, 192, 10)])
+def test_matmul_rule_matches_numpy_on_ragged_vit_shapes(shape):
+    batch, m, k, n = shape
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((batch, m, k), dtype=np.float32), rng.standard_normal((batch, k, n), dtype=np.float32)
+    bias = rng.standard_normal(n, dtype=np.float32)
+    sch = Matmul().apply(matmul_bias_gelu(batch, m, k, n), host(), False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "T.parallel" in script and "T.vectorized" in script
+    got = run(sch.mod["main"], a, b, bias, out_shape=(batch, m, n))
+    ref = a @ b + bias
+    ref = ref / (1 + np.exp(-ref))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_rule_declines_what_is_not_one_reduction():
+    x = te.placeholder((64, 64), name="x")
+    y = te.compute((64, 64), lambda i, j: x[j, i] * 2.0, name="t")
+    assert Matmul().apply(te.create_prim_func([x, y]), host(), False) is None
+
+
+def test_injective_rule_transposes_correctly_and_threads_large_kernels():
+    x = te.placeholder((3, 196, 96), name="x")
+    y = te.compute((3, 96, 196), lambda b, i, j: x[b, j, i] + 1.0, name="t")
+    sch = Injective().apply(te.create_prim_func([x, y]), host(), False)
+    assert "T.parallel" in sch.mod["main"].script()
+    data = np.random.default_rng(1).standard_normal((3, 196, 96), dtype=np.float32)
+    np.testing.assert_array_equal(run(sch.mod["main"], data, out_shape=(3, 96, 196)), data.transpose(0, 2, 1) + 1)
+
+
+def test_vector_width_follows_the_target_cpu():
+    assert fp32_lanes(load_target("rasp4b").tvm_target()) == 4
+    assert fp32_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})) == 16
+    assert fp32_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) == 8
+
+
+def test_rules_are_tried_in_order_and_all_decline_non_llvm():
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    func = matmul_bias_gelu(1, 8, 8, 8)
+    assert all(rule.apply(func, cuda, False) is None for rule in cpu_rules())
+
+
+def test_select_kernels_covers_the_costliest_share():
+    assert select_kernels([1.0, 5.0, 3.0, 1.0], 0.75) == [1, 2]
+    assert select_kernels([1.0, 5.0, 3.0, 1.0], 1.0) == [1, 2, 0, 3]
+    assert select_kernels([0.0, 0.0], 0.9) == []

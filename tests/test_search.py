@@ -1,0 +1,167 @@
+"""Latency tables, the predictor and the evolutionary search: arithmetic, determinism,
+feasibility, resume, infeasible budgets, and the CLI end to end on a small Swin."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.cli import cli
+from edgevit.data import load_data
+from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.latency import LatencyTable, keep_counts, knob_windows
+from edgevit.models import create_model
+from edgevit.search import InfeasibleBudget, SearchConfig, fastest_reachable, parse_budget, pareto_front, search
+from edgevit.sparsity import SparsityConfig
+from edgevit.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    """swin_micro at 32x32 on digits (16 windows in stage 1, 4 in stage 2), briefly trained."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("search")
+    train(create_model("swin_micro", img_size=32), load_data("digits", 32), TrainConfig(epochs=2, batch_size=64, lr=3e-3),
+          out, show_progress=False)
+    return out / "model.pt"
+
+
+def synthetic_table(model) -> LatencyTable:
+    """Dense 10 ms; each knob saves time in proportion to the windows it skips."""
+    from edgevit.latency import _distinct_units
+
+    windows = knob_windows(model)
+    weights = [3.0, 1.0, 0.5, 0.2][: len(windows)]
+    deltas = [{} for _ in windows]
+    for knob, k, _ratio in _distinct_units(windows, SparsityConfig.for_model(model).levels):
+        deltas[knob][k] = -weights[knob] * (windows[knob] - k) / windows[knob]
+    return LatencyTable({"target": "host", "model": model.model_name, "schedules": "rules"}, 10.0, deltas, windows,
+                        overhead_ms=0.1)
+
+
+def test_parse_budget_units_and_errors():
+    assert parse_budget("20ms") == 20.0
+    assert parse_budget("500us") == pytest.approx(0.5)
+    assert parse_budget("0.02s") == pytest.approx(20.0)
+    assert parse_budget("7") == 7.0
+    for bad in ("fast", "-3ms", "0ms"):
+        with pytest.raises(ConfigError, match="budget"):
+            parse_budget(bad)
+
+
+def test_table_predicts_sum_of_units_and_round_trips(tmp_path, ckpt_path):
+    model = Checkpoint.load(ckpt_path).build_model()
+    table = synthetic_table(model)
+    assert knob_windows(model) == [16, 4]
+    dense = SparsityConfig.for_model(model)
+    assert table.predict(keep_counts(model, dense)) == 10.0          # no overhead without pruning
+    half = SparsityConfig.uniform(model, 0.5)
+    assert keep_counts(model, half) == (8, 2)
+    assert table.predict((8, 2)) == pytest.approx(10.0 + 0.1 - 3.0 * 8 / 16 - 1.0 * 2 / 4)
+    table.save(tmp_path / "t.json")
+    assert LatencyTable.load(tmp_path / "t.json") == table
+    with pytest.raises(ConfigError, match="knobs"):
+        table.predict((8,))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EdgeVitError, match="malformed"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path):
+    ckpt = Checkpoint.load(ckpt_path)
+    model = ckpt.build_model()
+    table = synthetic_table(model)
+    budget = 8.0
+    cfg = SearchConfig(budget_ms=budget, population=20, parents=5, evaluations=25, val_images=300, seed=3)
+    measure = lambda c: table.predict(keep_counts(model, c))  # noqa: E731 - the predictor stands in for a device
+    a = search(ckpt, table, cfg, measure, None, log=lambda _: None)
+    b = search(ckpt, table, cfg, measure, None, log=lambda _: None)
+    assert a.sparsity == b.sparsity and a.val_top1 == b.val_top1
+    assert a.measured_ms <= budget and a.predicted_ms <= budget
+    assert all(p["predicted_ms"] <= budget for p in a.pareto)
+    ratios = a.sparsity["ratios"]
+    assert ratios == sorted(ratios[:1]) + sorted(ratios[1:])
+    front = a.pareto
+    assert all(x["val_top1"] < y["val_top1"] and x["predicted_ms"] <= y["predicted_ms"] for x, y in zip(front, front[1:]))
+
+
+def test_search_resumes_from_its_state_file(ckpt_path, tmp_path):
+    ckpt = Checkpoint.load(ckpt_path)
+    model = ckpt.build_model()
+    table = synthetic_table(model)
+    cfg = SearchConfig(budget_ms=8.5, population=12, parents=4, evaluations=15, val_images=200, seed=1)
+    measure = lambda c: table.predict(keep_counts(model, c))  # noqa: E731
+    state = tmp_path / "state.json"
+    first = search(ckpt, table, cfg, measure, state, log=lambda _: None)
+    assert state.is_file()
+    logs: list[str] = []
+    second = search(ckpt, table, cfg, measure, state, log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert second.sparsity == first.sparsity and second.evaluations == first.evaluations
+
+
+def test_infeasible_budget_names_the_fastest_latency(ckpt_path):
+    ckpt = Checkpoint.load(ckpt_path)
+    table = synthetic_table(ckpt.build_model())
+    with pytest.raises(InfeasibleBudget, match=r"fastest reachable is 6\.91 ms") as e:
+        search(ckpt, table, SearchConfig(budget_ms=2.0), lambda c: 0.0, None, log=lambda _: None)
+    assert "smaller model" in str(e.value) and e.value.exit_code == 7
+    assert fastest_reachable(table) == pytest.approx(10.0 + 0.1 - 3.0 * 13 / 16 - 1.0 * 3 / 4)
+
+
+def test_over_budget_measurements_are_never_returned(ckpt_path):
+    ckpt = Checkpoint.load(ckpt_path)
+    table = synthetic_table(ckpt.build_model())
+    cfg = SearchConfig(budget_ms=8.0, population=8, parents=2, evaluations=6, val_images=100, measure_top=2)
+    with pytest.raises(InfeasibleBudget, match="measured within"):
+        search(ckpt, table, cfg, lambda c: 99.0, None, log=lambda _: None)
+
+
+def test_pareto_front_keeps_only_undominated():
+    from edgevit.search import Candidate
+
+    cands = [Candidate((0.1,), (1,), 5.0, 80.0), Candidate((0.2,), (1,), 4.0, 85.0), Candidate((0.3,), (1,), 6.0, 84.0),
+             Candidate((0.4,), (1,), 7.0, 90.0)]
+    assert [p["val_top1"] for p in pareto_front(cands)] == [85.0, 90.0]
+
+
+@pytest.mark.tvm
+@pytest.mark.slow
+def test_profile_search_and_compile_end_to_end(ckpt_path, tmp_path):
+    runner = CliRunner()
+    table_path = tmp_path / "table.json"
+    r = runner.invoke(cli, ["profile", "--target", "host", "--checkpoint", str(ckpt_path), "-o", str(table_path),
+                            "--validate", "4"])
+    assert r.exit_code == 0, r.output
+    table = LatencyTable.load(table_path)
+    assert table.dense_ms > 0 and table.validation["configs"] == 4
+    assert set(table.deltas[0]) == {14, 12, 11, 9, 8, 6, 4, 3}
+    assert table.validation["mape"] < 50  # a sanity bound; the real figure is measured in benchmarks
+    budget = (table.dense_ms + fastest_reachable(table)) / 2
+    out = tmp_path / "result.json"
+    r = runner.invoke(cli, ["search", "--budget", f"{budget:.4f}ms", "--target", "host", "--checkpoint",
+                            str(ckpt_path), "--table", str(table_path), "--evaluations", "12", "--population", "12",
+                            "--val-images", "200", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["kind"] == "edgevit.search_result" and result["measured_ms"] <= budget
+    assert not (tmp_path / "result.json.state.json").exists()
+    chosen = SparsityConfig.load(out)
+    r = runner.invoke(cli, ["compile", "--target", "host", "--checkpoint", str(ckpt_path), "--sparsity", str(out),
+                            "-o", str(tmp_path / "art")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["sparsity"]["ratios"] == list(chosen.ratios)
+
+    r = runner.invoke(cli, ["search", "--budget", "1us", "--target", "host", "--checkpoint", str(ckpt_path),
+                            "--table", str(table_path), "-o", str(tmp_path / "none.json")])
+    assert r.exit_code == 7 and "fastest reachable" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_profile_refuses_models_without_windows(tmp_path):
+    path = tmp_path / "vit.pt"
+    Checkpoint.from_model(create_model("vit_micro")).save(path)
+    r = CliRunner().invoke(cli, ["profile", "--target", "host", "--checkpoint", str(path)])
+    assert r.exit_code == 2 and "no windows to prune" in r.output

@@ -1,0 +1,80 @@
+"""`edgevit tune`: MetaSchedule records land in the target's database, compile uses them,
+tuning resumes instead of repeating work, and bad requests fail with one line."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.cli import cli
+from edgevit.compile import CompileConfig, compile_model
+from edgevit.models import create_model
+from edgevit.sparsity import SparsityConfig
+from edgevit.targets import load_target
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tune") / "swin_micro.pt"
+    Checkpoint.from_model(create_model("swin_micro")).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
+    from edgevit.tune import TuneConfig, tune_model
+
+    ckpt = Checkpoint.load(ckpt_path)
+    sparsity = SparsityConfig.uniform(ckpt.build_model(), 0.5)
+    target = load_target("host")
+    db = tmp_path / "db"
+    cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.15)
+    logs: list[str] = []
+    report = tune_model(ckpt, target, sparsity, cfg, db, log=logs.append)
+    tuned = [k for k in report.kernels if k.trials > 1]
+    assert tuned, "\n".join(logs)
+    assert all(k.default_ms is not None for k in report.kernels)
+    # the default schedule is a record, so the database's best is never worse than it
+    assert all(k.best_ms <= k.default_ms * 1.0001 for k in report.kernels if k.best_ms and k.default_ms)
+    assert report.estimate_ms("best_ms") <= report.estimate_ms("default_ms") * 1.0001
+
+    again: list[str] = []
+    second = tune_model(ckpt, target, sparsity, cfg, db, log=again.append)
+    assert not any("searching" in line for line in again), again
+    assert [k.trials for k in second.kernels] == [k.trials for k in report.kernels]
+
+    art = compile_model(ckpt, target, tmp_path / "art", sparsity, CompileConfig(database=str(db), images=8),
+                        log=lambda _: None)
+    assert art.manifest["schedules"]["source"].startswith("tuned:")
+    assert art.manifest["validation"]["random"]["max_abs_error"] < 1e-4
+
+
+def test_compile_without_tuning_records_uses_the_rules(ckpt_path, tmp_path):
+    art = compile_model(Checkpoint.load(ckpt_path), load_target("host"), tmp_path / "art", None,
+                        CompileConfig(images=4), log=lambda _: None)
+    assert art.manifest["schedules"] == {"source": "rules", "database": None}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "rasp4b"], "does not run on this machine"),
+    (["--target", "jetson-orin"], "tunes CPU targets"),
+    (["--target", "host", "--trials", "0"], "trials must be >= 1"),
+    (["--target", "host", "--rpc", "127.0.0.1:9"], "unreachable"),
+])
+def test_tune_rejects_bad_requests_in_one_line(ckpt_path, args, message):
+    result = CliRunner().invoke(cli, ["tune", "--checkpoint", str(ckpt_path), *args])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_compile_with_an_empty_database_says_to_tune_first(ckpt_path, tmp_path):
+    result = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", str(ckpt_path),
+                                      "--database", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "no tuning records" in result.output and not (tmp_path / "out").exists()
