@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--target", default="host")
+    ap.add_argument("--table", default=None, help="latency table (default: the target's, profiled if missing)")
     ap.add_argument("--evaluations", type=int, default=500)
     ap.add_argument("--val-images", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -43,7 +44,7 @@ def main() -> None:
     args = ap.parse_args()
 
     ckpt, target = Checkpoint.load(args.checkpoint), load_target(args.target)
-    table, path = ensure_table(ckpt, target, None, ProfileConfig())
+    table, path = ensure_table(ckpt, target, None, ProfileConfig(), args.table)
     measurer = Measurer(ckpt, target, None, ProfileConfig(), tuning=table.key["schedules"] != "rules")
     model = ckpt.build_model().eval()
     fastest, dense = fastest_reachable(table), table.dense_ms

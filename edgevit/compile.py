@@ -148,10 +148,14 @@ def build(mod, target: Target, database: str | Path | None = None):
 
     from edgevit.schedules import relax_pipeline
 
+    from tvm import relax
+
     tvm_target = target.tvm_target()
     with tvm.transform.PassContext(opt_level=3):
-        return tvm.compile(mod, target=tvm_target,
-                           relax_pipeline=relax_pipeline(tvm_target, str(database) if database else None))
+        # "compiled": the VM's own instructions become native code too; on the fashion model the
+        # bytecode interpreter's per-kernel dispatch was a quarter of the latency (2.46 -> 1.85 ms)
+        return relax.build(mod, tvm_target, relax_pipeline=relax_pipeline(tvm_target, str(database) if database else None),
+                           exec_mode="compiled")
 
 
 def schedule_source(target: Target, cfg: CompileConfig) -> tuple[str, Path | None]:

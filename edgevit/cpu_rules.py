@@ -23,7 +23,10 @@ from tvm.target.codegen import target_has_features
 
 ROWS_PER_TILE = 4           # MR: rows of the register tile (4 x 2 vectors = 8 accumulators)
 VECTORS_PER_TILE = 2        # NR = 2 vector registers wide
-PARALLEL_MIN_ELEMENTS = 1 << 14   # below this an injective kernel runs on one thread
+# Waking TVM's thread pool costs ~10-20 us here; on the 32x32 fashion model parallelising every
+# kernel made it 2.2 ms, these thresholds 1.15 ms (sweep of 2^17..2^24 MACs, 2^14..2^30 elements).
+PARALLEL_MIN_ELEMENTS = 1 << 16   # below this an injective or row-reduction kernel runs on one thread
+PARALLEL_MIN_MACS = 1 << 22       # below this a matmul runs on one thread
 
 
 def fp32_lanes(target) -> int:
@@ -104,6 +107,10 @@ class Matmul(dl.ScheduleRule):
         """Loops: parallel(batch, column tiles, row tiles) > reduction > MR rows (unrolled) >
         NR columns (vectorised); the local accumulator tile is written back once per tile."""
         loops = sch.get_loops(block)
+        macs = 1
+        for lp in loops:
+            extent = get_extent(sch, lp)
+            macs *= extent if isinstance(extent, int) else 1 << 10
         n_spatial = dom_kind.index("R")
         spatial, reduce = loops[:n_spatial], loops[n_spatial:]
         *batch, j = spatial
@@ -116,7 +123,8 @@ class Matmul(dl.ScheduleRule):
             outer, inner = [*batch, jo], [ji]
         sch.reorder(*outer, *reduce, *inner)
         tile = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(tile)
+        if macs >= PARALLEL_MIN_MACS:
+            sch.parallel(tile)   # waking the thread pool costs more than a small matmul
         sch.reverse_compute_at(write_back, tile)
         sch.vectorize(ji)
         if i is not None:
@@ -128,11 +136,14 @@ class Matmul(dl.ScheduleRule):
 def _vectorize_copy(sch, block, lanes: int, parallel: bool = True) -> None:
     """Vectorise a copy block's innermost loop (whole vectors only) and thread its outer loop."""
     loops = sch.get_loops(block)
+    extents = [get_extent(sch, lp) for lp in loops]
+    elements = 1
+    for e in extents:
+        elements *= e if isinstance(e, int) else 1 << 10
     inner = loops[-1]
-    extent = get_extent(sch, inner)
-    if isinstance(extent, int) and extent % lanes == 0:
+    if isinstance(extents[-1], int) and extents[-1] % lanes == 0:
         sch.vectorize(sch.split(inner, [None, lanes])[1])
-    if parallel and len(loops) > 1:
+    if parallel and len(loops) > 1 and elements >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(loops[0])
 
 
@@ -172,6 +183,40 @@ class Injective(dl.ScheduleRule):
         return sch
 
 
+class SerialWhenSmall(dl.ScheduleRule):
+    """Another rule's schedule, with its parallel loops made serial when the kernel's output is
+    too small to pay for waking threads (dlight's CPU Reduction always parallelises rows)."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, func, target, tunable):
+        if not isinstance(func, tirx.PrimFunc) or _output_elements(func) >= PARALLEL_MIN_ELEMENTS:
+            return self.rule.apply(func, target, tunable)
+        # dlight has no knob for it: its `sch.parallel(...)` calls become no-ops for this kernel
+        # (parallel only annotates a loop, so skipping it leaves a valid serial schedule)
+        parallel = s_tir.Schedule.parallel
+        s_tir.Schedule.parallel = lambda self, loop: None
+        try:
+            return self.rule.apply(func, target, tunable)
+        finally:
+            s_tir.Schedule.parallel = parallel
+
+    def __repr__(self) -> str:
+        return f"SerialWhenSmall({type(self.rule).__name__})"
+
+
+def _output_elements(func) -> int:
+    """Elements of the last buffer parameter (the output); dynamic dims count as large."""
+    shape = getattr(getattr(func.params[-1], "ty", None), "shape", None) if func.params else None
+    if shape is None:
+        return 1 << 30
+    size = 1
+    for d in shape:
+        size *= int(d) if isinstance(d, (int, tirx.IntImm)) else 1 << 10
+    return size
+
+
 def cpu_rules() -> list:
     """In the order they are tried; each declines (returns None) what it does not fit."""
-    return [Matmul(), dl.cpu.GEMV(), dl.cpu.Reduction(), Injective()]
+    return [Matmul(), SerialWhenSmall(dl.cpu.GEMV()), SerialWhenSmall(dl.cpu.Reduction()), Injective()]

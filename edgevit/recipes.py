@@ -96,7 +96,10 @@ class SearchStageConfig:
     def __post_init__(self):
         from edgevit.search import parse_budget
 
-        parse_budget(self.budget)
+        try:
+            parse_budget(self.budget)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         if self.evaluations < 1 or self.population < 4:
             raise ValueError("evaluations must be >= 1 and population >= 4")
 

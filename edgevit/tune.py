@@ -210,13 +210,16 @@ def tune_model(ckpt: Checkpoint, target: Target, sparsity: SparsityConfig | None
     builder, runner = _builder(target, cfg), _runner(cfg, device)   # an unreachable device fails first
     tasks = model_tasks(ckpt, target, sparsity, batch)
     log(f"measuring edgevit's default schedule of {len(tasks)} kernels on {device.label if device else 'this machine'}")
-    defaults = [_record_default(task, db, tvm_target, builder, runner, local=device is None) for task in tasks]
+    progress = _load_progress(path)
+    defaults = [_record_default(task, db, tvm_target, builder, runner, device is None, progress) for task in tasks]
+    _save_progress(path, progress)
     chosen = select_kernels([(d or 0.0) * t.weight for d, t in zip(defaults, tasks)], cfg.cover)
     log(f"tuning the {len(chosen)} slowest kernels ({cfg.cover:.0%} of the default kernel time), "
         f"{cfg.trials_per_kernel} trials each, into {path}")
     results = {}
     for n, i in enumerate(chosen, 1):
-        results[i] = _tune_task(tasks[i], n, len(chosen), db, path, tvm_target, builder, runner, cfg, log)
+        results[i] = _tune_task(tasks[i], n, len(chosen), db, path, tvm_target, builder, runner, cfg, log,
+                                progress)
         done = _report(target, path, tasks, defaults, db, results)
         log(f"  model kernel time so far: default {done.estimate_ms('default_ms'):.3f} ms -> "
             f"tuned {done.estimate_ms('best_ms'):.3f} ms ({n}/{len(chosen)} kernels)")
@@ -247,22 +250,51 @@ def _report(target, path, tasks, defaults, db, results) -> TuneReport:
     return TuneReport(target.name, str(path), kernels)
 
 
-def _record_default(task, db, tvm_target, builder, runner, local: bool) -> float | None:
-    """Measure edgevit's default schedule of a kernel and commit it as a tuning record (once)."""
+PROGRESS = "edgevit_progress.json"   # per kernel: default time and trials searched (for resume)
+
+
+def _kernel_key(mod) -> str:
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(mod))
+
+
+def _load_progress(path: Path) -> dict:
+    try:
+        return json.loads((path / PROGRESS).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _save_progress(path: Path, progress: dict) -> None:
+    from edgevit.fileio import write_json
+
+    write_json(path / PROGRESS, progress)
+
+
+def _record_default(task, db, tvm_target, builder, runner, local: bool, progress: dict) -> float | None:
+    """edgevit's default schedule of a kernel, measured once: committed as a tuning record when a
+    rule scheduled it, and its time kept in the progress file so a resumed run picks the same
+    kernels to tune."""
+    from tvm import s_tir
     from tvm.s_tir import meta_schedule as ms
 
     mod = task.dispatched[0]
-    workload = db.commit_workload(mod)
+    entry = progress.setdefault(_kernel_key(mod), {"name": task.task_name, "default_ms": None, "trials": 0})
+    if entry["default_ms"] is not None:
+        return entry["default_ms"]
     sch = _default_schedule(task, tvm_target)
-    if sch is None:
-        return None
-    secs = measure_locally(sch.mod, tvm_target) if local else measure_schedule(sch, task, tvm_target, builder, runner)
+    measured = sch or s_tir.Schedule(mod)     # no rule fits: TVM's own lowering is the default
+    secs = measure_locally(measured.mod, tvm_target) if local else measure_schedule(measured, task, tvm_target,
+                                                                                    builder, runner)
     if secs is None:
         return None
-    if not any(str(r.trace) == str(sch.trace) for r in db.get_top_k(workload, 1 << 20)):
+    if sch is not None:
+        workload = db.commit_workload(mod)
         db.commit_tuning_record(ms.database.TuningRecord(
             sch.trace, workload, [secs], tvm_target, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-    return secs * 1e3
+    entry["default_ms"] = secs * 1e3
+    return entry["default_ms"]
 
 
 def measure_locally(mod, tvm_target, number: int = 3, repeat: int = 5) -> float | None:
@@ -283,17 +315,19 @@ def measure_locally(mod, tvm_target, number: int = 3, repeat: int = 5) -> float 
     return float(np.median(timer(*args).results))
 
 
-def _tune_task(task, n, total, db, path: Path, tvm_target, builder, runner, cfg: TuneConfig, log: Log) -> KernelResult:
+def _tune_task(task, n, total, db, path: Path, tvm_target, builder, runner, cfg: TuneConfig, log: Log,
+               progress: dict) -> KernelResult:
     from tvm.s_tir import meta_schedule as ms
 
     mod = task.dispatched[0]
     workload = db.commit_workload(mod)
     records = db.get_top_k(workload, 1 << 20)
-    default_ms = _best_ms(records)
-    remaining = cfg.trials_per_kernel - max(0, len(records) - 1)    # the default's record is not a trial
+    entry = progress[_kernel_key(mod)]
+    default_ms = entry["default_ms"]
+    remaining = cfg.trials_per_kernel - entry["trials"]
     label = f"[{n}/{total}] {task.task_name} x{task.weight}"
     if remaining > 0:
-        log(f"{label}: searching {remaining} candidates (default {_fmt(records)})")
+        log(f"{label}: searching {remaining} candidates (default {default_ms or float('nan'):.4f} ms)")
         contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
             [task], str(path / "logs"), num_threads=1, seed=cfg.seed + n)
         if contexts:
@@ -301,6 +335,8 @@ def _tune_task(task, n, total, db, path: Path, tvm_target, builder, runner, cfg:
                                max_trials_global=remaining, max_trials_per_task=remaining,
                                num_trials_per_iter=min(cfg.trials_per_round, remaining), builder=builder,
                                runner=runner, database=db, cost_model=cfg.cost_model)
+        entry["trials"] += remaining
+        _save_progress(path, progress)
     records = db.get_top_k(workload, 1 << 20)
     best = _best_ms(records)
     log(f"{label}: best {best:.4f} ms after {len(records)} records" if best else f"{label}: no valid schedule found")
@@ -311,11 +347,6 @@ def _best_ms(records) -> float | None:
     times = [min(float(s) for s in r.run_secs) for r in records if r.run_secs]
     times = [t for t in times if t < 1e9]
     return min(times) * 1e3 if times else None
-
-
-def _fmt(records) -> str:
-    best = _best_ms(records)
-    return f"{best:.4f} ms" if best else "n/a"
 
 
 def report_json(report: TuneReport) -> str:

@@ -37,6 +37,8 @@ def write(tmp_path, text):
     ('[model]\nname = "swin_micro"\n[train]\nlr = 5\n', "lr 5.0"),
     ('[model]\n', "missing required key 'name'"),
     ('[model\nname = 1', "malformed TOML"),
+    ('stages = ["search"]\n[model]\nname = "swin_micro"\n[search]\nbudget = "fast"\n', "budget 'fast' is not a latency"),
+    ('[model]\nname = "swin_micro"\n[profile]\ntarget = "host"\nvalidat = 3\n', "did you mean 'validate'"),
 ])
 def test_bad_recipes_name_file_and_fix(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as e:
@@ -54,3 +56,10 @@ def test_digest_tracks_only_upstream_settings(tmp_path):
     a = load_recipe(write(tmp_path, base))
     b = load_recipe(write(tmp_path, base + "[adapt]\nepochs = 5\n"))
     assert a.digest("train") == b.digest("train") and a.digest("adapt") != b.digest("adapt")
+
+
+def test_profile_and_search_stages_parse(tmp_path):
+    recipe = load_recipe(write(tmp_path, 'stages = ["train", "adapt", "profile", "search"]\n[model]\nname = "swin_micro"\n'
+                                         '[profile]\ntarget = "rasp4b"\nvalidate = 30\n[search]\nbudget = "500us"\n'))
+    assert recipe.sections["profile"].target == "rasp4b" and recipe.sections["profile"].validate == 30
+    assert recipe.sections["search"].budget == "500us"

@@ -34,7 +34,7 @@ def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
     sparsity = SparsityConfig.uniform(ckpt.build_model(), 0.5)
     target = load_target("host")
     db = tmp_path / "db"
-    cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.15)
+    cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.05)
     logs: list[str] = []
     report = tune_model(ckpt, target, sparsity, cfg, db, log=logs.append)
     tuned = [k for k in report.kernels if k.trials > 1]
