@@ -43,6 +43,8 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/sparsity_speedup.py
+	$(BIN)/python benchmarks/peers.py --trials 8 --cover 0.5 --tune-models vit_tiny swin_t
+	$(BIN)/python benchmarks/search_budgets.py --checkpoint runs/fashion/adapt/model.pt
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

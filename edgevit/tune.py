@@ -182,7 +182,6 @@ def measure_schedule(sch, task, tvm_target, builder, runner) -> float | None:
     args = ms.arg_info.ArgInfo.from_entry_func(mod, remove_preproc=True)
     future = runner.run([ms.runner.RunnerInput(built.artifact_path, tvm_target.kind.name, args)])[0]
     result = future.result()
-    ms.utils.remove_build_dir(built.artifact_path) if hasattr(ms.utils, "remove_build_dir") else None
     if result.error_msg or not result.run_secs:
         return None
     return min(float(s) for s in result.run_secs)
