@@ -342,10 +342,11 @@ def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, databa
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
 @click.option("--validate", "validate_n", type=int, default=0, help="Also measure N random configs end to end.")
+@click.option("--calibrate", type=int, default=6, show_default=True, help="Random configs fitting the overhead term.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_path", default=None, type=click.Path(), help="Table path; default under runs/latency/.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
-def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n, no_tuning, out_path,
+def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n, calibrate, no_tuning, out_path,
                 json_path) -> None:
     """Measure a latency table on the target (each knob at each sparsity level, compiled as deployed)."""
     from edgevit.checkpoint import Checkpoint
@@ -357,8 +358,10 @@ def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n,
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     _sparsity_from(ckpt.build_model(), "0.0")  # a one-line error for models without windows
     device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
-    table, path = ensure_table(ckpt, target, device, ProfileConfig(batch=batch), out_path, not no_tuning,
-                               validate_n, log=click.echo)
+    if batch < 1 or calibrate < 0 or validate_n < 0:
+        raise EdgeVitError("profile: --batch must be >= 1, --calibrate and --validate >= 0")
+    table, path = ensure_table(ckpt, target, device, ProfileConfig(batch=batch, calibrate=calibrate), out_path,
+                               not no_tuning, validate_n, log=click.echo)
     click.echo(f"{path}: dense {table.dense_ms:.3f} ms, {sum(len(d) for d in table.deltas)} units, overhead "
                f"{table.overhead_ms:+.3f} ms")
     _write_json(json_path, table.to_dict())

@@ -131,10 +131,14 @@ class Evolution:
         self.rng = random.Random(cfg.seed)
         self.sampled = self.feasible = 0
 
-    def make(self, ratios: list[float]) -> Candidate | None:
-        """A candidate if feasible (per-stage sorted), else None (rejected)."""
+    def make(self, ratios: list[float], fresh_only: bool = False) -> Candidate | None:
+        """A candidate if feasible (ratios sorted per stage), else None (rejected); with
+        `fresh_only`, also None for a network already evaluated (as SPOS/OFA searches skip
+        visited candidates, so every generation brings new configs)."""
         config = self._config(ratios)
         keep = keep_counts(self.model, config)
+        if fresh_only and ",".join(map(str, keep)) in self.oracle.cache:
+            return None
         predicted = self.table.predict(keep)
         self.sampled += 1
         if predicted > self.cfg.budget_ms:
@@ -164,7 +168,7 @@ class Evolution:
         for _ in range(tries):
             if len(out) >= count or len(self.oracle.cache) >= self.cfg.evaluations:
                 break
-            cand = self.make(produce())
+            cand = self.make(produce(), fresh_only=True)
             if cand is not None:
                 out.append(cand)
         return out
