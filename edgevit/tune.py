@@ -69,8 +69,9 @@ class TuneReport:
     seconds: float = 0.0
 
     def estimate_ms(self, attr: str) -> float:
-        """Sum of kernel latencies x calls: an estimate of the model's kernel time."""
-        return sum((getattr(k, attr) or 0.0) * k.weight for k in self.kernels)
+        """Sum of kernel latencies x calls: an estimate of the model's kernel time (a kernel with
+        no tuned record counts at its default time)."""
+        return sum((getattr(k, attr) or k.default_ms or 0.0) * k.weight for k in self.kernels)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "database": self.database, "seconds": round(self.seconds, 1),

@@ -10,7 +10,6 @@ from edgevit.checkpoint import Checkpoint
 from edgevit.cli import cli
 from edgevit.compile import CompileConfig, compile_model
 from edgevit.models import create_model
-from edgevit.sparsity import SparsityConfig
 from edgevit.targets import load_target
 
 pytestmark = pytest.mark.tvm
@@ -31,14 +30,14 @@ def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
     from edgevit.tune import TuneConfig, tune_model
 
     ckpt = Checkpoint.load(ckpt_path)
-    sparsity = SparsityConfig.uniform(ckpt.build_model(), 0.5)
+    sparsity = None   # dense: its slowest kernels are matmuls, which MetaSchedule's CPU space covers
     target = load_target("host")
     db = tmp_path / "db"
     cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.05)
     logs: list[str] = []
     report = tune_model(ckpt, target, sparsity, cfg, db, log=logs.append)
     tuned = [k for k in report.kernels if k.trials > 1]
-    assert tuned, "\n".join(logs)
+    assert tuned and any("searching" in line for line in logs), "\n".join(logs)
     assert all(k.default_ms is not None for k in report.kernels)
     # the default schedule is a record, so the database's best is never worse than it
     assert all(k.best_ms <= k.default_ms * 1.0001 for k in report.kernels if k.best_ms and k.default_ms)
