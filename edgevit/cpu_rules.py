@@ -45,16 +45,23 @@ def _is_scheduled(func) -> bool:
     return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
 
 
+def _open(func, target):
+    """(schedule, block infos) of an unscheduled CPU kernel, or None when a rule must decline."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" or _is_scheduled(func):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return (sch, infos) if infos else None
+
+
 class Matmul(dl.ScheduleRule):
     """Register-tiled matmul / batched matmul with a fused elementwise epilogue."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" or _is_scheduled(func):
+        opened = _open(func, target)
+        if opened is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
-            return None
+        sch, infos = opened
         reductions = [b for b in infos if not b.is_injective()]
         if len(reductions) != 1 or not _spatial_then_reduce(reductions[0].dom_kind()):
             return None
@@ -156,12 +163,10 @@ class Injective(dl.ScheduleRule):
     """Reshapes, transposes, window gather/scatter, elementwise: one parallel vector loop."""
 
     def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm" or _is_scheduled(func):
+        opened = _open(func, target)
+        if opened is None or not all(b.is_injective() for b in opened[1]):
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos or not all(b.is_injective() for b in infos):
-            return None
+        sch, infos = opened
         for producer in reversed(infos[:-1]):
             try:
                 sch.compute_inline(producer.block_rv)

@@ -163,7 +163,7 @@ def _runner(cfg: TuneConfig, device: Device | None):
     if device is None or device.rpc is None:
         return ms.runner.LocalRunner(timeout_sec=cfg.runner_timeout_s, evaluator_config=evaluator)
     try:
-        connect(device).get_function  # a session proves the tracker and the key are there
+        connect(device)  # a session proves the tracker is up and the key is registered
     except DeviceError as e:
         raise DeviceError(f"{e}; tuning measures on the device, so it must be reachable") from None
     host, _, port = device.rpc.rpartition(":")
@@ -194,8 +194,6 @@ def measure_schedule(sch, task, tvm_target, builder, runner) -> float | None:
 def tune_model(ckpt: Checkpoint, target: Target, sparsity: SparsityConfig | None = None,
                cfg: TuneConfig = TuneConfig(), database: str | Path | None = None,
                device: Device | None = None, batch: int = 1, log: Log = print) -> TuneReport:
-    from tvm.s_tir import meta_schedule as ms
-
     if target.device != "cpu":
         raise EdgeVitError(f"target '{target.name}' is a {target.device} target; `edgevit tune` tunes CPU "
                            "targets (GPU kernels use dlight's schedules)")
@@ -347,7 +345,3 @@ def _best_ms(records) -> float | None:
     times = [min(float(s) for s in r.run_secs) for r in records if r.run_secs]
     times = [t for t in times if t < 1e9]
     return min(times) * 1e3 if times else None
-
-
-def report_json(report: TuneReport) -> str:
-    return json.dumps(report.to_dict(), indent=2)

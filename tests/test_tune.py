@@ -1,7 +1,6 @@
 """`edgevit tune`: MetaSchedule records land in the target's database, compile uses them,
 tuning resumes instead of repeating work, and bad requests fail with one line."""
 
-import json
 
 import pytest
 from click.testing import CliRunner
