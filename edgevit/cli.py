@@ -342,7 +342,8 @@ def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, databa
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
 @click.option("--validate", "validate_n", type=int, default=0, help="Also measure N random configs end to end.")
-@click.option("--calibrate", type=int, default=6, show_default=True, help="Random configs fitting the overhead term.")
+@click.option("--calibrate", type=int, default=12, show_default=True,
+              help="Random full configs measured besides the single units (all fitted by least squares).")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_path", default=None, type=click.Path(), help="Table path; default under runs/latency/.")
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)

@@ -6,11 +6,14 @@ on a device through the RPC tracker. The units are the prunable knobs (a pair of
 a ratio): a knob's cost depends only on how many windows it keeps, k = max(1, floor(nW (1 - r))),
 so the table holds, per knob, the latency change against the dense model for every distinct k:
 
-    predicted(config) = dense + sum over knobs of delta[knob][k] + overhead
+    predicted(config) = dense + sum over knobs of delta[knob][k] + overhead (when any knob prunes)
 
-`overhead` is calibrated on a few random full configs (what the sum misses once TVM fuses
-operators and stages share their window ranking). `validate` measures fresh random configs end
-to end against the prediction.
+Every unit is measured alone, then `calibrate` random full configs; the deltas and the overhead
+(what the sum misses once TVM fuses operators and stages share their window ranking) are fitted
+to all of these measurements at once by least squares, so each delta rests on several timings
+rather than one (a unit's effect, 0.03-0.3 ms on a small model, is the size of one timing's
+noise on a busy machine). `validate` measures fresh random configs end to end against the
+prediction.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -77,7 +80,7 @@ class LatencyTable:
     deltas: list[dict[int, float]]              # per knob: {windows kept: ms against dense}
     windows: list[int]                          # windows per knob
     overhead_ms: float = 0.0
-    calibration: list[dict] = field(default_factory=list)
+    measurements: list[dict] = field(default_factory=list)  # what the fit used: keep, measured_ms, dense_ms
     validation: dict | None = None
 
     def predict(self, keep: tuple[int, ...]) -> float:
@@ -109,7 +112,7 @@ class LatencyTable:
         if not isinstance(d, dict) or d.get("kind") != TABLE_KIND:
             raise EdgeVitError(f"{path}: not a latency table (kind {d.get('kind') if isinstance(d, dict) else '?'})")
         return cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
-                   d["windows"], d.get("overhead_ms", 0.0), d.get("calibration", []), d.get("validation"))
+                   d["windows"], d.get("overhead_ms", 0.0), d.get("measurements", []), d.get("validation"))
 
 
 def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> dict:
@@ -131,9 +134,10 @@ def default_table_path(key: dict) -> Path:
 @dataclass(frozen=True)
 class ProfileConfig:
     batch: int = 1
-    calibrate: int = 6          # random configs that fit the overhead term
+    calibrate: int = 12         # random full configs, fitted together with the single units
     repeat: int = 15            # timed repeats per config (median)
     min_repeat_ms: float = 30.0  # each repeat runs the model this long (several calls when fast)
+    seconds_per_config: float = 2.0  # timing per config and dense alongside, in alternating rounds
     seed: int = 0
 
 
@@ -188,10 +192,13 @@ class Measurer:
             self._dense = self.load(SparsityConfig.for_model(self.model).per_stage())
         return self._dense
 
-    def versus_dense(self, block_ratios: list[list[float]], rounds: int = 5) -> tuple[float, float]:
-        """(config ms, dense ms), timed in alternation so drift hits both alike."""
+    def versus_dense(self, block_ratios: list[list[float]]) -> tuple[float, float]:
+        """(config ms, dense ms): medians over rounds that time the dense model and the config in
+        alternation, so drift hits both alike; as many rounds as fit `seconds_per_config` (5-25)."""
         session, dense = self.load(block_ratios), self.dense()
-        per_round = max(3, self.cfg.repeat // rounds)
+        per_round = 3
+        round_ms = 2 * per_round * max(self.cfg.min_repeat_ms, self.time(dense, per_round))
+        rounds = min(25, max(5, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
         config_ms, dense_ms = [], []
         for _ in range(rounds):
             dense_ms.append(self.time(dense, per_round))
@@ -208,7 +215,7 @@ class Measurer:
 
 def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg: ProfileConfig = ProfileConfig(),
             tuning: bool = True, log: Log = print) -> LatencyTable:
-    """Measure dense, every (knob, k) unit alone, and `cfg.calibrate` random configs."""
+    """Measure dense, every (knob, k) unit alone and `cfg.calibrate` random configs, then fit the table."""
     from tqdm import tqdm
 
     measure = Measurer(ckpt, target, device, cfg, tuning)
@@ -217,30 +224,47 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
     windows = knob_windows(model)
     units = _distinct_units(windows, base.levels)
     log(f"profiling {ckpt.model_name} on {target.name} ({measure.device.label}, schedules {measure.schedules}): "
-        f"dense + {len(units)} units + {cfg.calibrate} calibration configs")
-    bar = tqdm(total=1 + len(units) + cfg.calibrate, unit="build", desc="profile", leave=False)
+        f"dense + {len(units)} units + {cfg.calibrate} random configs")
+    rng = torch.Generator().manual_seed(cfg.seed)
+    configs = [single_knob_ratios(base.stage_knobs, knob, ratio) for knob, _, ratio in units]
+    configs += [c.per_stage() for c in _random_sparse_configs(base, rng, cfg.calibrate)]
+    bar = tqdm(total=1 + len(configs), unit="build", desc="profile", leave=False)
     dense_runs = [measure.time(measure.dense())]
     bar.update()
-    deltas: list[dict[int, float]] = [{} for _ in windows]
-    for knob, k, ratio in units:
-        unit_ms, dense_ms = measure.versus_dense(single_knob_ratios(base.stage_knobs, knob, ratio))
-        deltas[knob][k] = unit_ms - dense_ms
+    rows = []
+    for block_ratios in configs:
+        config = SparsityConfig([r for stage in block_ratios for r in stage], base.stage_knobs)
+        config_ms, dense_ms = measure.versus_dense(block_ratios)
+        rows.append({"keep": list(keep_counts(model, config)), "measured_ms": config_ms, "dense_ms": dense_ms})
         dense_runs.append(dense_ms)
         bar.update()
-    dense = statistics.median(dense_runs)
-    table = LatencyTable(table_key(ckpt, target, cfg.batch, measure.schedules), dense, deltas, windows)
-    rng = torch.Generator().manual_seed(cfg.seed)
-    calibration = []
-    for config in _random_sparse_configs(base, rng, cfg.calibrate):
-        config_ms, dense_ms = measure.versus_dense(config.per_stage())
-        units_ms = table.predict(keep_counts(model, config)) - dense
-        calibration.append({"ratios": list(config.ratios), "units_ms": units_ms, "dense_ms": dense_ms,
-                            "measured_ms": config_ms})
-        bar.update()
     bar.close()
-    overhead = statistics.fmean(c["measured_ms"] - c["dense_ms"] - c["units_ms"] for c in calibration) \
-        if calibration else 0.0
-    return LatencyTable(table.key, dense, deltas, windows, overhead, calibration)
+    key = table_key(ckpt, target, cfg.batch, measure.schedules)
+    return fit_table(key, windows, statistics.median(dense_runs), rows)
+
+
+def fit_table(key: dict, windows: list[int], dense_ms: float, rows: list[dict]) -> LatencyTable:
+    """Least-squares deltas per (knob, k) and overhead from measured rows.
+
+    Each row gives measured - dense (timed alongside) = sum of its pruned knobs' deltas
+    (+ overhead). The overhead is only fitted when some row prunes two or more knobs: with
+    single-knob rows alone it cannot be told apart from the deltas."""
+    columns = sorted({(knob, k) for r in rows for knob, (k, n) in enumerate(zip(r["keep"], windows)) if k < n})
+    index = {c: i for i, c in enumerate(columns)}
+    with_overhead = any(sum(k < n for k, n in zip(r["keep"], windows)) > 1 for r in rows)
+    x = np.zeros((len(rows), len(columns) + with_overhead))   # rows x (units [+ overhead])
+    y = np.array([r["measured_ms"] - r["dense_ms"] for r in rows])
+    for i, r in enumerate(rows):
+        pruned = [index[(knob, k)] for knob, (k, n) in enumerate(zip(r["keep"], windows)) if k < n]
+        x[i, pruned] = 1.0
+        if with_overhead and pruned:
+            x[i, -1] = 1.0
+    solution = np.linalg.lstsq(x, y, rcond=None)[0] if rows else np.zeros(0)
+    deltas: list[dict[int, float]] = [{} for _ in windows]
+    for (knob, k), value in zip(columns, solution):
+        deltas[knob][k] = float(value)
+    overhead = float(solution[-1]) if with_overhead else 0.0
+    return LatencyTable(key, dense_ms, deltas, windows, overhead, rows)
 
 
 def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, device: Device | None = None,
@@ -318,7 +342,6 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
             f"{table.overhead_ms:+.3f} ms")
     if validate_n:
         result = validate(table, ckpt, target, validate_n, device, cfg, log)
-        table = LatencyTable(table.key, table.dense_ms, table.deltas, table.windows, table.overhead_ms,
-                             table.calibration, result)
+        table = replace(table, validation=result)
         table.save(path)
     return table, path

@@ -41,6 +41,40 @@ def synthetic_table(model) -> LatencyTable:
                         overhead_ms=0.1)
 
 
+def test_fit_recovers_deltas_and_overhead_from_noisy_rows(ckpt_path):
+    """Single-unit rows plus random multi-knob rows: least squares recovers the table the
+    timings came from, and averages noise that a one-measurement-per-unit table would keep."""
+    import numpy as np
+
+    from edgevit.latency import fit_table
+
+    model = Checkpoint.load(ckpt_path).build_model()
+    truth = synthetic_table(model)
+    rng = np.random.default_rng(0)
+    units = [(knob, k) for knob, d in enumerate(truth.deltas) for k in d]
+    keeps = []
+    for knob, k in units:
+        keep = list(truth.windows)
+        keep[knob] = k
+        keeps.append(tuple(keep))
+    keeps += [tuple(int(rng.choice(list(d))) for d in truth.deltas) for _ in range(60)]
+
+    def rows(noise):
+        return [{"keep": list(keep), "dense_ms": 10.0 + d, "measured_ms": truth.predict(keep) + d + e}
+                for keep, d, e in zip(keeps, rng.normal(0, 0.5, len(keeps)), rng.normal(0, noise, len(keeps)))]
+
+    exact = fit_table(truth.key, truth.windows, 10.0, rows(0.0))
+    assert exact.overhead_ms == pytest.approx(0.1, abs=1e-9)
+    for fitted, true in zip(exact.deltas, truth.deltas):
+        assert fitted.keys() == true.keys()
+        assert all(fitted[k] == pytest.approx(true[k], abs=1e-9) for k in true)
+    noisy = fit_table(truth.key, truth.windows, 10.0, rows(0.05))
+    errors = [abs(noisy.predict(keep) - truth.predict(keep)) for keep in keeps]
+    assert max(errors) < 0.1 and np.mean(errors) < 0.04     # noise sd 0.05 ms per timing
+    only_units = fit_table(truth.key, truth.windows, 10.0, rows(0.0)[: len(units)])
+    assert only_units.overhead_ms == 0.0                     # not identifiable from single-knob rows
+
+
 def test_parse_budget_units_and_errors():
     assert parse_budget("20ms") == 20.0
     assert parse_budget("500us") == pytest.approx(0.5)
