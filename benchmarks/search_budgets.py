@@ -2,16 +2,23 @@
 
 For an adapted checkpoint and its latency table (profiled on `host` if missing): three budgets
 spread between the fastest reachable config and the dense model; at each, evolutionary search
-(`edgevit search`), random search with the same number of accuracy evaluations, and the least
-sparse uniform config that fits. Every answer is compiled and measured for real.
+(`edgevit search`, SparseViT's settings), random search with the same number of accuracy
+evaluations, and the least sparse uniform config that fits. Every answer is compiled and
+measured for real. Then, because a small model's space can be smaller than one population
+(the fashion model has 36 distinct networks, which both searches enumerate), the same
+comparison with a scaled-down population and evaluation budget over several seeds, scored
+under the predictor; and the cost of `--evaluations` uncached accuracy evaluations, the part
+of a search's wall time that grows with the space.
 
-    python benchmarks/search_budgets.py --checkpoint runs/fashion/adapt/model.pt [--evaluations 500]
+    python benchmarks/search_budgets.py --checkpoint runs/fashion/adapt/model.pt --table T.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +26,7 @@ from pathlib import Path
 from edgevit.checkpoint import Checkpoint
 from edgevit.latency import Measurer, ProfileConfig, ensure_table, keep_counts
 from edgevit.search import AccuracyOracle, SearchConfig, fastest_reachable, random_search, search
-from edgevit.sparsity import SparsityConfig
+from edgevit.sparsity import SparsityConfig, sample_config
 from edgevit.targets import load_target
 
 
@@ -32,6 +39,71 @@ def uniform_at_budget(model, table, budget: float) -> SparsityConfig | None:
     return None
 
 
+def distinct_networks(model) -> int:
+    """Configs keeping the same windows per knob are one network; count those the levels reach."""
+    base = SparsityConfig.for_model(model)
+    keeps = set()
+    for ratios in itertools.product(base.levels, repeat=len(base.ratios)):
+        config = SparsityConfig(ratios, base.stage_knobs, base.levels)
+        keeps.add(keep_counts(model, config))
+    return len(keeps)
+
+
+def at_budget(ckpt, table, measurer, model, budget, args) -> dict:
+    cfg = SearchConfig(budget_ms=budget, evaluations=args.evaluations, val_images=args.val_images, seed=args.seed)
+    start = time.perf_counter()
+    evo = search(ckpt, table, cfg, lambda c: measurer(c.per_stage()), None, log=lambda s: None)
+    seconds = time.perf_counter() - start
+    oracle = AccuracyOracle(ckpt, args.val_images, args.seed)
+    rand = random_search(ckpt, table, replace(cfg, evaluations=evo.evaluations), oracle)
+    rand_config = SparsityConfig(rand.ratios, SparsityConfig.for_model(model).stage_knobs)
+    row = {"budget_ms": budget, "evolution": {
+        "ratios": evo.sparsity["ratios"], "val": evo.val_top1, "test": evo.test_top1, "predicted_ms": evo.predicted_ms,
+        "measured_ms": evo.measured_ms, "evaluations": evo.evaluations, "generations": evo.generations,
+        "seconds": round(seconds, 1)},
+        "random": {"ratios": list(rand.ratios), "val": rand.val_top1, "test": oracle.test_top1(rand_config),
+                   "predicted_ms": rand.predicted_ms, "measured_ms": measurer(rand_config.per_stage())}}
+    uni = uniform_at_budget(model, table, budget)
+    if uni is not None:
+        keep = keep_counts(model, uni)
+        row["uniform"] = {"ratios": list(uni.ratios), "val": oracle(uni, keep), "test": oracle.test_top1(uni),
+                          "predicted_ms": table.predict(keep), "measured_ms": measurer(uni.per_stage())}
+    return row
+
+
+def small_population(ckpt, table, model, budget, args) -> dict:
+    """Evolution vs random under the predictor with `--small` evaluations, over `--seeds` seeds."""
+    evo_val, rand_val = [], []
+    for seed in range(args.seeds):
+        cfg = SearchConfig(budget_ms=budget, population=args.small_population, parents=max(2, args.small_population // 4),
+                           evaluations=args.small, val_images=args.val_images, seed=seed, measure_top=1)
+        evo = search(ckpt, table, cfg, lambda c: table.predict(keep_counts(model, c)), None, log=lambda s: None)
+        rand = random_search(ckpt, table, replace(cfg, evaluations=evo.evaluations))
+        evo_val.append(evo.val_top1)
+        rand_val.append(rand.val_top1)
+    return {"budget_ms": budget, "evaluations": args.small, "population": args.small_population, "seeds": args.seeds,
+            "evolution_val_mean": statistics.fmean(evo_val), "random_val_mean": statistics.fmean(rand_val),
+            "evolution_wins": sum(e > r for e, r in zip(evo_val, rand_val)),
+            "ties": sum(e == r for e, r in zip(evo_val, rand_val))}
+
+
+def evaluation_cost(ckpt, n: int, val_images: int) -> dict:
+    """Wall time of `n` accuracy evaluations of random configs, none served from the cache."""
+    oracle = AccuracyOracle(ckpt, val_images, 0)
+    base = SparsityConfig.for_model(oracle.model)
+    import torch
+
+    rng = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(n):
+        config = sample_config(base.stage_knobs, rng, base.levels)
+        oracle.cache.clear()
+        oracle(config, keep_counts(oracle.model, config))
+    seconds = time.perf_counter() - start
+    return {"evaluations": n, "val_images": val_images, "seconds": round(seconds, 1),
+            "seconds_each": round(seconds / n, 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True)
@@ -40,6 +112,9 @@ def main() -> None:
     ap.add_argument("--evaluations", type=int, default=500)
     ap.add_argument("--val-images", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--small", type=int, default=12, help="evaluations in the scaled-down comparison (0: skip)")
+    ap.add_argument("--small-population", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -48,37 +123,33 @@ def main() -> None:
     measurer = Measurer(ckpt, target, None, ProfileConfig(), tuning=table.key["schedules"] != "rules")
     model = ckpt.build_model().eval()
     fastest, dense = fastest_reachable(table), table.dense_ms
-    print(f"{ckpt.model_name} on {target.name}: dense {dense:.3f} ms, fastest reachable {fastest:.3f} ms ({path})")
-    rows = []
-    for frac in (0.25, 0.5, 0.75):
-        budget = round(fastest + frac * (dense - fastest), 4)
-        cfg = SearchConfig(budget_ms=budget, evaluations=args.evaluations, val_images=args.val_images, seed=args.seed)
-        start = time.perf_counter()
-        evo = search(ckpt, table, cfg, lambda c: measurer(c.per_stage()), None, log=lambda s: None)
-        oracle = AccuracyOracle(ckpt, args.val_images, args.seed)
-        rand = random_search(ckpt, table, replace(cfg, evaluations=evo.evaluations), oracle)
-        rand_config = SparsityConfig(rand.ratios, SparsityConfig.for_model(model).stage_knobs)
-        uni = uniform_at_budget(model, table, budget)
-        row = {"budget_ms": budget, "evolution": {
-            "ratios": evo.sparsity["ratios"], "val": evo.val_top1, "test": evo.test_top1,
-            "predicted_ms": evo.predicted_ms, "measured_ms": evo.measured_ms, "evaluations": evo.evaluations,
-            "seconds": round(time.perf_counter() - start, 1)},
-            "random": {"ratios": list(rand.ratios), "val": rand.val_top1, "test": oracle.test_top1(rand_config),
-                       "predicted_ms": rand.predicted_ms, "measured_ms": measurer(rand_config.per_stage())}}
-        if uni is not None:
-            oracle.cache.clear()
-            row["uniform"] = {"ratios": list(uni.ratios), "val": oracle(uni, keep_counts(model, uni)),
-                              "test": oracle.test_top1(uni), "predicted_ms": table.predict(keep_counts(model, uni)),
-                              "measured_ms": measurer(uni.per_stage())}
-        rows.append(row)
+    print(f"{ckpt.model_name} on {target.name}: dense {dense:.3f} ms, fastest reachable {fastest:.3f} ms ({path}); "
+          f"{distinct_networks(model)} distinct networks")
+    report = {"table": str(path), "dense_ms": dense, "fastest_ms": fastest, "budgets": [], "small": []}
+    budgets = [round(fastest + frac * (dense - fastest), 4) for frac in (0.25, 0.5, 0.75)]
+    for budget in budgets:
+        row = at_budget(ckpt, table, measurer, model, budget, args)
+        report["budgets"].append(row)
         for name in ("evolution", "random", "uniform"):
             r = row.get(name)
             if r:
                 print(f"budget {budget:.3f} ms  {name:9s} {str(r['ratios']):22s} val {r['val']:.2f}%  "
                       f"test {r['test']:.2f}%  predicted {r['predicted_ms']:.3f}  measured {r['measured_ms']:.3f} ms")
-        print(f"  evolution: {evo.evaluations} accuracy evaluations, {row['evolution']['seconds']:.0f} s wall")
+        e = row["evolution"]
+        print(f"  evolution: {e['evaluations']} accuracy evaluations, {e['generations']} generations, "
+              f"{e['seconds']:.0f} s wall (search + measuring the top candidates)")
+    for budget in budgets if args.small else []:
+        s = small_population(ckpt, table, model, budget, args)
+        report["small"].append(s)
+        print(f"budget {budget:.3f} ms, {s['evaluations']} evaluations, population {s['population']}, "
+              f"{s['seeds']} seeds: evolution val {s['evolution_val_mean']:.2f}% vs random {s['random_val_mean']:.2f}% "
+              f"(evolution better {s['evolution_wins']}, tied {s['ties']})")
+    cost = evaluation_cost(ckpt, args.evaluations, args.val_images)
+    report["evaluation_cost"] = cost
+    print(f"{cost['evaluations']} uncached accuracy evaluations ({cost['val_images']} val images each): "
+          f"{cost['seconds']:.0f} s ({cost['seconds_each']:.2f} s each)")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -142,3 +142,30 @@ def test_unsupported_operator_is_named():
 
     with pytest.raises(EdgeVitError, match="does not support operator.*histc"):
         to_relax(Unsupported(), torch.randn(8))
+
+
+def test_patch_convs_become_matmuls_and_keep_their_numerics():
+    """stride == kernel convs (patch embeddings) are rewritten to reshape + matmul; a padded conv
+    is left alone; the compiled result equals PyTorch either way."""
+    import tvm
+    from tvm import relax
+
+    from edgevit.compile import build, to_relax
+
+    class TwoConvs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+            self.smooth = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.smooth(self.patch(x))
+
+    torch.manual_seed(0)
+    model, x = TwoConvs().eval(), torch.randn(2, 3, 16, 12)
+    mod, weights = to_relax(model, x)
+    text = mod.script()
+    assert text.count("R.nn.conv2d") == 1 and "R.matmul" in text
+    vm = relax.VirtualMachine(build(mod, load_target("host")), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(w) for w in weights])
+    np.testing.assert_allclose(out.numpy(), model(x).detach().numpy(), atol=1e-5, rtol=1e-5)
