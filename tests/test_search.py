@@ -121,6 +121,25 @@ def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path):
     assert all(x["val_top1"] < y["val_top1"] and x["predicted_ms"] <= y["predicted_ms"] for x, y in zip(front, front[1:]))
 
 
+def test_small_population_still_reaches_every_feasible_network(ckpt_path):
+    """A population too small for mutation and crossover to keep finding new configs takes
+    random feasible newcomers instead of stopping: evolution scores every network under the
+    budget, as random sampling would, and its answer is the best of them."""
+    from edgevit.latency import _distinct_units
+
+    ckpt = Checkpoint.load(ckpt_path)
+    model = ckpt.build_model()
+    table = synthetic_table(model)
+    budget = 9.0
+    per_knob = [[n] + [k for knob, k, _ in _distinct_units(table.windows, SparsityConfig.for_model(model).levels)
+                       if knob == i] for i, n in enumerate(table.windows)]
+    feasible = [(a, b) for a in per_knob[0] for b in per_knob[1] if table.predict((a, b)) <= budget]
+    cfg = SearchConfig(budget_ms=budget, population=4, parents=2, evaluations=500, val_images=300, seed=1)
+    result = search(ckpt, table, cfg, lambda c: table.predict(keep_counts(model, c)), None, log=lambda _: None)
+    assert result.evaluations == len(feasible) > 4
+    assert result.val_top1 == max(p["val_top1"] for p in result.pareto)
+
+
 def test_search_resumes_from_its_state_file(ckpt_path, tmp_path):
     ckpt = Checkpoint.load(ckpt_path)
     model = ckpt.build_model()
