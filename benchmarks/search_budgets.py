@@ -115,6 +115,8 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=12, help="evaluations in the scaled-down comparison (0: skip)")
     ap.add_argument("--small-population", type=int, default=6)
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--parts", nargs="+", default=["budgets", "small", "cost"], choices=["budgets", "small", "cost"],
+                    help="which comparisons to run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -127,7 +129,7 @@ def main() -> None:
           f"{distinct_networks(model)} distinct networks")
     report = {"table": str(path), "dense_ms": dense, "fastest_ms": fastest, "budgets": [], "small": []}
     budgets = [round(fastest + frac * (dense - fastest), 4) for frac in (0.25, 0.5, 0.75)]
-    for budget in budgets:
+    for budget in budgets if "budgets" in args.parts else []:
         row = at_budget(ckpt, table, measurer, model, budget, args)
         report["budgets"].append(row)
         for name in ("evolution", "random", "uniform"):
@@ -138,16 +140,17 @@ def main() -> None:
         e = row["evolution"]
         print(f"  evolution: {e['evaluations']} accuracy evaluations, {e['generations']} generations, "
               f"{e['seconds']:.0f} s wall (search + measuring the top candidates)")
-    for budget in budgets if args.small else []:
+    for budget in budgets if args.small and "small" in args.parts else []:
         s = small_population(ckpt, table, model, budget, args)
         report["small"].append(s)
         print(f"budget {budget:.3f} ms, {s['evaluations']} evaluations, population {s['population']}, "
               f"{s['seeds']} seeds: evolution val {s['evolution_val_mean']:.2f}% vs random {s['random_val_mean']:.2f}% "
               f"(evolution better {s['evolution_wins']}, tied {s['ties']})")
-    cost = evaluation_cost(ckpt, args.evaluations, args.val_images)
-    report["evaluation_cost"] = cost
-    print(f"{cost['evaluations']} uncached accuracy evaluations ({cost['val_images']} val images each): "
-          f"{cost['seconds']:.0f} s ({cost['seconds_each']:.2f} s each)")
+    if "cost" in args.parts:
+        cost = evaluation_cost(ckpt, args.evaluations, args.val_images)
+        report["evaluation_cost"] = cost
+        print(f"{cost['evaluations']} uncached accuracy evaluations ({cost['val_images']} val images each): "
+              f"{cost['seconds']:.0f} s ({cost['seconds_each']:.2f} s each)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
