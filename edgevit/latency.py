@@ -59,6 +59,14 @@ def keep_counts(model, config: SparsityConfig) -> tuple[int, ...]:
     return tuple(keep_count(n, r) for n, r in zip(knob_windows(model), config.ratios))
 
 
+def keep_of(windows: list[int], block_ratios: list[list[float]]) -> list[int]:
+    """Windows each knob keeps under per-stage knob ratios, sorted or not (a single-knob probe
+    prunes one knob of a stage and leaves the ones after it dense)."""
+    from edgevit.models.swin import keep_count
+
+    return [keep_count(n, r) for n, r in zip(windows, [r for stage in block_ratios for r in stage])]
+
+
 def single_knob_ratios(config_knobs: tuple[int, ...], knob: int, ratio: float) -> list[list[float]]:
     """Per-stage knob ratios with only `knob` pruned (for profiling one unit at a time)."""
     ratios = [0.0] * sum(config_knobs)
@@ -233,9 +241,8 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
     bar.update()
     rows = []
     for block_ratios in configs:
-        config = SparsityConfig([r for stage in block_ratios for r in stage], base.stage_knobs)
         config_ms, dense_ms = measure.versus_dense(block_ratios)
-        rows.append({"keep": list(keep_counts(model, config)), "measured_ms": config_ms, "dense_ms": dense_ms})
+        rows.append({"keep": keep_of(windows, block_ratios), "measured_ms": config_ms, "dense_ms": dense_ms})
         dense_runs.append(dense_ms)
         bar.update()
     bar.close()

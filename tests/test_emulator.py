@@ -45,3 +45,28 @@ def test_unknown_key_is_reported(board, tmp_path):
 
     with pytest.raises(DeviceError, match="no device with key 'jetson' .* registered keys: rasp4b"):
         connect(Device(rpc=board.tracker, key="jetson", timeout=10))
+
+
+def test_profile_measures_on_the_emulated_board(board, tmp_path):
+    """`profile --rpc`: every config is cross-compiled for rasp4b and timed on the board (emulated
+    timings only prove the path; they are never reported)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from edgevit.cli import cli
+    from edgevit.data import load_data
+    from edgevit.models import create_model
+    from edgevit.train import TrainConfig, train
+
+    train(create_model("swin_micro", img_size=32), load_data("digits", 32), TrainConfig(epochs=1, batch_size=64),
+          tmp_path / "ckpt", show_progress=False)
+    table_path = tmp_path / "rasp4b.json"
+    result = CliRunner().invoke(cli, ["profile", "--target", "rasp4b", "--checkpoint", str(tmp_path / "ckpt" / "model.pt"),
+                                      "--rpc", board.tracker, "--key", board.key, "--calibrate", "1", "--validate", "1",
+                                      "-o", str(table_path)])
+    assert result.exit_code == 0, result.output
+    table = json.loads(table_path.read_text())
+    assert table["key"]["target"] == "rasp4b" and "aarch64" in table["key"]["tvm_target"]
+    assert table["dense_ms"] > 0 and len(table["measurements"]) == sum(len(d) for d in table["deltas"]) + 1
+    assert table["validation"]["configs"] == 1

@@ -75,6 +75,16 @@ def test_fit_recovers_deltas_and_overhead_from_noisy_rows(ckpt_path):
     assert only_units.overhead_ms == 0.0                     # not identifiable from single-knob rows
 
 
+def test_single_knob_probes_in_a_multi_knob_stage():
+    """Swin-T's third stage has three knobs: probing its first knob alone leaves the later ones
+    dense, an unsorted config no SparsityConfig accepts but one the profile must time."""
+    from edgevit.latency import keep_of, single_knob_ratios
+
+    ratios = single_knob_ratios((1, 1, 3, 1), 2, 0.5)
+    assert ratios == [[0.0], [0.0], [0.5, 0.0, 0.0], [0.0]]
+    assert keep_of([64, 16, 4, 4, 4, 1], ratios) == [64, 16, 2, 4, 4, 1]
+
+
 def test_parse_budget_units_and_errors():
     assert parse_budget("20ms") == 20.0
     assert parse_budget("500us") == pytest.approx(0.5)
