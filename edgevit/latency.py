@@ -172,6 +172,13 @@ class Measurer:
         self.sample = np.random.default_rng(0).standard_normal(self.shape, dtype=np.float32)
         self._dense = None
         self.measured = 0
+        # one RPC session for every config: the dense model stays loaded beside each config, and
+        # a board serves one session at a time; a profile can outlast any fixed session timeout
+        self.remote = None
+        if self.device.rpc is not None:
+            from edgevit.runtime import connect
+
+            self.remote = connect(self.device, session_timeout=0)
 
     def load(self, block_ratios: list[list[float]]):
         """Compile, export and load one config on the device; returns its Session."""
@@ -183,11 +190,12 @@ class Measurer:
         mod, weights = to_relax(self.model, torch.zeros(self.shape))
         executable = build(mod, self.target, self.database)
         with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp:
-            lib, params = Path(tmp) / "model.so", Path(tmp) / "weights.params"
+            # a distinct name per config: uploading over a library the board has loaded breaks it
+            lib, params = Path(tmp) / f"model-{self.measured}.so", Path(tmp) / "weights.params"
             export_library(executable, self.target, lib)
             save_weights(weights, params)
             self.measured += 1
-            return Session(self.device, lib, params)
+            return Session(self.device, lib, params, remote=self.remote)
 
     def time(self, session, repeat: int | None = None) -> float:
         """Median over repeats of the mean latency of enough calls to last min_repeat_ms (ms)."""
@@ -213,17 +221,49 @@ class Measurer:
             config_ms.append(self.time(session, per_round))
         return statistics.median(config_ms), statistics.median(dense_ms)
 
+    def close(self) -> None:
+        """Release the loaded models and the board's RPC session (the next Measurer needs it)."""
+        self._dense, self.remote = None, None
+
     def __call__(self, block_ratios: list[list[float]]) -> float:
         """Median latency (ms) of the model with these per-stage knob ratios."""
         return self.time(self.load(block_ratios))
+
+
+# ---------------------------------------------------------------------------- checkpointing
+
+
+class MeasuredRows:
+    """Rows measured so far, saved after each one: a profile killed after hours on a board
+    resumes where it stopped. A file made for another plan (model, target, configs) is ignored."""
+
+    def __init__(self, path: Path | None, plan: dict):
+        self.path, self.plan, self.rows = path, plan, []
+        if path is not None and path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                saved = {}
+            if saved.get("plan") == json.loads(json.dumps(plan)):
+                self.rows = saved["rows"]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            write_json(self.path, {"plan": self.plan, "rows": self.rows})
+
+    def done(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- the verbs
 
 
 def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg: ProfileConfig = ProfileConfig(),
-            tuning: bool = True, log: Log = print) -> LatencyTable:
-    """Measure dense, every (knob, k) unit alone and `cfg.calibrate` random configs, then fit the table."""
+            tuning: bool = True, log: Log = print, checkpoint: Path | None = None) -> LatencyTable:
+    """Measure dense, every (knob, k) unit alone and `cfg.calibrate` random configs, then fit the
+    table; with `checkpoint`, measured rows are kept there and a rerun skips them."""
     from tqdm import tqdm
 
     measure = Measurer(ckpt, target, device, cfg, tuning)
@@ -236,18 +276,20 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
     rng = torch.Generator().manual_seed(cfg.seed)
     configs = [single_knob_ratios(base.stage_knobs, knob, ratio) for knob, _, ratio in units]
     configs += [c.per_stage() for c in _random_sparse_configs(base, rng, cfg.calibrate)]
-    bar = tqdm(total=1 + len(configs), unit="build", desc="profile", leave=False)
-    dense_runs = [measure.time(measure.dense())]
-    bar.update()
-    rows = []
-    for block_ratios in configs:
+    key = table_key(ckpt, target, cfg.batch, measure.schedules)
+    done = MeasuredRows(checkpoint, {"key": key, "configs": configs, "cfg": asdict(cfg)})
+    if done.rows:
+        log(f"resuming: {len(done.rows)} of {len(configs)} configs already measured ({checkpoint})")
+    bar = tqdm(total=len(configs), initial=len(done.rows), unit="build", desc="profile", leave=False)
+    for block_ratios in configs[len(done.rows):]:
         config_ms, dense_ms = measure.versus_dense(block_ratios)
-        rows.append({"keep": keep_of(windows, block_ratios), "measured_ms": config_ms, "dense_ms": dense_ms})
-        dense_runs.append(dense_ms)
+        done.add({"keep": keep_of(windows, block_ratios), "measured_ms": config_ms, "dense_ms": dense_ms})
         bar.update()
     bar.close()
-    key = table_key(ckpt, target, cfg.batch, measure.schedules)
-    return fit_table(key, windows, statistics.median(dense_runs), rows)
+    measure.close()
+    table = fit_table(key, windows, statistics.median(r["dense_ms"] for r in done.rows), done.rows)
+    done.done()
+    return table
 
 
 def fit_table(key: dict, windows: list[int], dense_ms: float, rows: list[dict]) -> LatencyTable:
@@ -275,20 +317,26 @@ def fit_table(key: dict, windows: list[int], dense_ms: float, rows: list[dict]) 
 
 
 def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, device: Device | None = None,
-             cfg: ProfileConfig = ProfileConfig(), log: Log = print) -> dict:
+             cfg: ProfileConfig = ProfileConfig(), log: Log = print, checkpoint: Path | None = None) -> dict:
     """Compile and measure `n` fresh random configs; absolute percentage error of the predictor."""
     from tqdm import tqdm
 
     measure = Measurer(ckpt, target, device, cfg, tuning=table.key["schedules"] != "rules")
     base = SparsityConfig.for_model(measure.model)
     rng = torch.Generator().manual_seed(cfg.seed + 1_000_003)
-    rows = []
-    for config in tqdm(_random_sparse_configs(base, rng, n), total=n, unit="config", desc="validate", leave=False):
+    configs = _random_sparse_configs(base, rng, n)
+    done = MeasuredRows(checkpoint, {"table": table.to_dict() | {"validation": None},
+                                     "configs": [list(c.ratios) for c in configs], "cfg": asdict(cfg)})
+    for config in tqdm(configs[len(done.rows):], total=n, initial=len(done.rows), unit="config", desc="validate",
+                       leave=False):
         predicted = table.predict(keep_counts(measure.model, config))
         measured, dense_now = measure.versus_dense(config.per_stage())
-        rows.append({"ratios": list(config.ratios), "predicted_ms": predicted, "measured_ms": measured,
-                     "dense_now_ms": dense_now, "ape": abs(predicted - measured) / measured * 100,
-                     "ape_same_dense": abs(predicted - table.dense_ms + dense_now - measured) / measured * 100})
+        done.add({"ratios": list(config.ratios), "predicted_ms": predicted, "measured_ms": measured,
+                  "dense_now_ms": dense_now, "ape": abs(predicted - measured) / measured * 100,
+                  "ape_same_dense": abs(predicted - table.dense_ms + dense_now - measured) / measured * 100})
+    measure.close()
+    rows = done.rows
+    done.done()
     apes, same = [r["ape"] for r in rows], [r["ape_same_dense"] for r in rows]
     result = {"configs": n, "mape": statistics.fmean(apes), "max_ape": max(apes),
               "within_10pct": 100.0 * sum(a <= 10 for a in apes) / n,
@@ -343,12 +391,13 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
         else:
             log(f"latency table {path} (dense {table.dense_ms:.3f} ms)")
     if table is None:
-        table = profile(ckpt, target, device, cfg, tuning, log)
+        table = profile(ckpt, target, device, cfg, tuning, log, checkpoint=path.with_name(path.name + ".partial"))
         table.save(path)
         log(f"wrote latency table {path}: dense {table.dense_ms:.3f} ms, calibrated overhead "
             f"{table.overhead_ms:+.3f} ms")
     if validate_n:
-        result = validate(table, ckpt, target, validate_n, device, cfg, log)
+        result = validate(table, ckpt, target, validate_n, device, cfg, log,
+                          checkpoint=path.with_name(path.name + ".validate.partial"))
         table = replace(table, validation=result)
         table.save(path)
     return table, path

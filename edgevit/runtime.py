@@ -34,7 +34,9 @@ class Device:
 class Session:
     """A loaded artifact on a device: `run(x)` returns the output as numpy."""
 
-    def __init__(self, device: Device, library: Path, weights: Path):
+    def __init__(self, device: Device, library: Path, weights: Path, remote=None):
+        """`remote`: an open RPC session to load into (several artifacts loaded at once on one
+        board share it: the board serves one session at a time); by default a new one."""
         import tvm
 
         self.device = device
@@ -43,7 +45,7 @@ class Session:
             self.dev = tvm.cuda(0) if device.kind == "cuda" else tvm.cpu(0)
             lib = tvm.runtime.load_module(str(library))
         else:
-            self.remote = connect(device)
+            self.remote = remote or connect(device)
             self.remote.upload(str(library))
             lib = self.remote.load_module(library.name)
             self.dev = self.remote.cuda(0) if device.kind == "cuda" else self.remote.cpu(0)
@@ -67,8 +69,9 @@ class Session:
         return [r * 1e3 for r in timer(arg, *self.params).results]
 
 
-def connect(device: Device):
-    """Request a session for `device.key` from the tracker, failing clearly when unreachable."""
+def connect(device: Device, session_timeout: int | None = None):
+    """Request a session for `device.key` from the tracker, failing clearly when unreachable;
+    the session expires after `session_timeout` seconds (default 10x the device timeout; 0: never)."""
     from tvm import rpc
 
     host, _, port = (device.rpc or "").rpartition(":")
@@ -86,7 +89,8 @@ def connect(device: Device):
         if device.key not in keys:
             raise DeviceError(f"no device with key '{device.key}' at tracker {device.rpc}; "
                               f"registered keys: {', '.join(sorted(keys)) or 'none'}")
-        return tracker.request(device.key, priority=1, session_timeout=int(device.timeout * 10))
+        timeout = int(device.timeout * 10) if session_timeout is None else session_timeout
+        return tracker.request(device.key, priority=1, session_timeout=timeout)
     except DeviceError:
         raise
     except Exception as e:  # noqa: BLE001 - TVM's RPC raises plain TVMError/RuntimeError

@@ -85,6 +85,38 @@ def test_single_knob_probes_in_a_multi_knob_stage():
     assert keep_of([64, 16, 4, 4, 4, 1], ratios) == [64, 16, 2, 4, 4, 1]
 
 
+def test_killed_profile_resumes_without_remeasuring(ckpt_path, tmp_path, monkeypatch):
+    """Rows are checkpointed after each config: a profile killed midway measures only the rest
+    when rerun, and fits the same table as an uninterrupted run."""
+    from edgevit.latency import Measurer, ProfileConfig, profile
+    from edgevit.targets import load_target
+
+    calls = []
+
+    def fake_versus_dense(self, block_ratios):
+        calls.append(block_ratios)
+        if len(calls) == 5 and fail["now"]:
+            raise KeyboardInterrupt
+        pruned = sum(r for stage in block_ratios for r in stage)
+        return 2.0 - pruned, 2.0
+
+    monkeypatch.setattr(Measurer, "versus_dense", fake_versus_dense)
+    ckpt, target, cfg = Checkpoint.load(ckpt_path), load_target("host"), ProfileConfig(calibrate=3)
+    fail = {"now": True}
+    partial = tmp_path / "t.json.partial"
+    with pytest.raises(KeyboardInterrupt):
+        profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None, checkpoint=partial)
+    assert len(json.loads(partial.read_text())["rows"]) == 4
+    fail["now"] = False
+    calls.clear()
+    resumed = profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None, checkpoint=partial)
+    total = len(resumed.measurements)
+    assert len(calls) == total - 4 and not partial.exists()
+    calls.clear()
+    fresh = profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None)
+    assert len(calls) == total and fresh == resumed
+
+
 def test_parse_budget_units_and_errors():
     assert parse_budget("20ms") == 20.0
     assert parse_budget("500us") == pytest.approx(0.5)
