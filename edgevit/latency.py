@@ -54,9 +54,7 @@ def knob_windows(model) -> list[int]:
 
 def keep_counts(model, config: SparsityConfig) -> tuple[int, ...]:
     """Windows each knob keeps under `config` (== the window count: the knob runs dense)."""
-    from edgevit.models.swin import keep_count
-
-    return tuple(keep_count(n, r) for n, r in zip(knob_windows(model), config.ratios))
+    return tuple(keep_of(knob_windows(model), config.per_stage()))
 
 
 def keep_of(windows: list[int], block_ratios: list[list[float]]) -> list[int]:
@@ -170,7 +168,7 @@ class Measurer:
         c = self.model.cfg
         self.shape = (cfg.batch, c.in_chans, c.img_size, c.img_size)
         self.sample = np.random.default_rng(0).standard_normal(self.shape, dtype=np.float32)
-        self._dense = None
+        self._dense, self._rounds = None, None
         self.measured = 0
         # one RPC session for every config: the dense model stays loaded beside each config, and
         # a board serves one session at a time; a profile can outlast any fixed session timeout
@@ -213,10 +211,11 @@ class Measurer:
         alternation, so drift hits both alike; as many rounds as fit `seconds_per_config` (5-25)."""
         session, dense = self.load(block_ratios), self.dense()
         per_round = 3
-        round_ms = 2 * per_round * max(self.cfg.min_repeat_ms, self.time(dense, per_round))
-        rounds = min(25, max(5, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
+        if self._rounds is None:   # the dense model's latency sets it, so once per Measurer
+            round_ms = 2 * per_round * max(self.cfg.min_repeat_ms, self.time(dense, per_round))
+            self._rounds = min(25, max(5, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
         config_ms, dense_ms = [], []
-        for _ in range(rounds):
+        for _ in range(self._rounds):
             dense_ms.append(self.time(dense, per_round))
             config_ms.append(self.time(session, per_round))
         return statistics.median(config_ms), statistics.median(dense_ms)
