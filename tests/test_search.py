@@ -42,8 +42,9 @@ def synthetic_table(model) -> LatencyTable:
 
 
 def test_fit_recovers_deltas_and_overhead_from_noisy_rows(ckpt_path):
-    """Single-unit rows plus random multi-knob rows: least squares recovers the table the
-    timings came from, and averages noise that a one-measurement-per-unit table would keep."""
+    """Single-unit rows plus random multi-knob rows, each timed while the machine ran up to
+    ~40% slow or fast (config and dense alike): least squares recovers the table the timings
+    came from, and averages noise that a one-measurement-per-unit table would keep."""
     import numpy as np
 
     from edgevit.latency import fit_table
@@ -60,8 +61,9 @@ def test_fit_recovers_deltas_and_overhead_from_noisy_rows(ckpt_path):
     keeps += [tuple(int(rng.choice(list(d))) for d in truth.deltas) for _ in range(60)]
 
     def rows(noise):
-        return [{"keep": list(keep), "dense_ms": 10.0 + d, "measured_ms": truth.predict(keep) + d + e}
-                for keep, d, e in zip(keeps, rng.normal(0, 0.5, len(keeps)), rng.normal(0, noise, len(keeps)))]
+        slowdown = rng.uniform(0.7, 1.4, len(keeps))          # the machine's speed while the row was timed
+        return [{"keep": list(keep), "dense_ms": 10.0 * s, "measured_ms": truth.predict(keep) * s + e}
+                for keep, s, e in zip(keeps, slowdown, rng.normal(0, noise, len(keeps)))]
 
     exact = fit_table(truth.key, truth.windows, 10.0, rows(0.0))
     assert exact.overhead_ms == pytest.approx(0.1, abs=1e-9)
