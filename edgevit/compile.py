@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import sys
 import tempfile
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,6 +40,10 @@ VALIDATION = "validation.npz"      # up to CompileConfig.images inputs + PyTorch
 VALIDATION_BYTES = 16 << 20
 ARTIFACT_KIND = "edgevit.compiled"
 Log = Callable[[str], None]
+# Printed by TVM's C++ logger for every build, dozens of lines each, and harmless here: every
+# `take` index edgevit's graphs hold (window ranks, relative positions) is in range by
+# construction; the pragma is a schedule annotation LLVM codegen has no use for.
+BENIGN_TVM_WARNINGS = ("Fast mode segfaults when there are out-of-bounds indices", "Unknown pragma pragma_scope")
 
 
 @dataclass(frozen=True)
@@ -111,14 +119,16 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor):
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         exported = torch.export.export(model, (example,))
-    try:
-        mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
-    except AssertionError as e:
-        ops = re.findall(r"'([\w.:]+)'", str(e))
-        raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
-                           "used by this model; rewrite them with supported ops") from None
+        try:
+            mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+        except AssertionError as e:
+            ops = re.findall(r"'([\w.:]+)'", str(e))
+            raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
+                               "used by this model; rewrite them with supported ops") from None
     mod, params = relax.frontend.detach_params(mod)
     mod = patch_convs_as_matmuls(mod)
     return precompute_weight_transforms(mod, [p.numpy() for p in params.get("main", [])])
@@ -172,7 +182,8 @@ def precompute_weight_transforms(mod, weights: list[np.ndarray]):
     if transform not in [gv.name_hint for gv in lifted.functions]:
         return mod, weights
     prepare = tvm.IRModule({"main": lifted[transform].with_attr("global_symbol", "main")})
-    vm = relax.VirtualMachine(tvm.compile(prepare, target="llvm"), tvm.cpu())
+    with quiet_tvm_warnings():
+        vm = relax.VirtualMachine(tvm.compile(prepare, target="llvm"), tvm.cpu())
     transformed = vm["main"]([tvm.runtime.tensor(w) for w in weights])
     main_only = tvm.IRModule({"main": lifted["main"]})
     return main_only, [t.numpy() for t in transformed]
@@ -188,7 +199,7 @@ def build(mod, target: Target, database: str | Path | None = None):
     from tvm import relax
 
     tvm_target = target.tvm_target()
-    with tvm.transform.PassContext(opt_level=3):
+    with tvm.transform.PassContext(opt_level=3), quiet_tvm_warnings():
         # "compiled": the VM's own instructions become native code too; on the fashion model the
         # bytecode interpreter's per-kernel dispatch was a quarter of the latency (2.46 -> 1.85 ms)
         return relax.build(mod, tvm_target, relax_pipeline=relax_pipeline(tvm_target, str(database) if database else None),
@@ -214,10 +225,33 @@ def export_library(executable, target: Target, path: Path) -> None:
     import tvm.support.cc as cc
 
     cross = target.check_cross_compiler()
-    if cross:
-        executable.export_library(str(path), fcompile=cc.cross_compiler(cross))
-    else:
-        executable.export_library(str(path))
+    with quiet_tvm_warnings():
+        if cross:
+            executable.export_library(str(path), fcompile=cc.cross_compiler(cross))
+        else:
+            executable.export_library(str(path))
+
+
+@contextmanager
+def quiet_tvm_warnings(benign: tuple[str, ...] = BENIGN_TVM_WARNINGS):
+    """Drop the known-harmless lines TVM's C++ logger writes to stderr (fd 2) inside the block;
+    every other line, errors included, is written on once the block ends."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(b in line for b in benign)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 def save_weights(weights: list[np.ndarray], path: Path) -> None:
