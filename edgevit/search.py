@@ -81,9 +81,16 @@ class Candidate:
 
 
 class AccuracyOracle:
-    """Top-1 of the adapted model on a fixed validation subset, cached by windows kept."""
+    """Top-1 of the adapted model on a fixed validation subset, cached by windows kept.
 
-    def __init__(self, ckpt: Checkpoint, val_images: int, seed: int):
+    Stage outputs are reused across configs: a stage's output depends only on the windows its
+    blocks and the earlier stages' blocks keep, and the first knobs take few values (the fashion
+    model's first knob reaches 9 window counts), so after a few evaluations most configs start
+    from a stored stage output. The last prunable stage's output is never stored (a config that
+    matches a stored one up to there is a network already scored), nor is anything past
+    `reuse_bytes` in all."""
+
+    def __init__(self, ckpt: Checkpoint, val_images: int, seed: int, reuse_bytes: int = 1 << 30):
         from edgevit.data import ImageSet, batches, load_data
 
         self.model = ckpt.build_model().eval()
@@ -101,24 +108,80 @@ class AccuracyOracle:
         # (the activations of a larger batch fall out of cache)
         self.batches = list(batches(val, self.mean, self.std, 256))
         self.cache: dict[str, float] = {}
+        self.reuse = StageOutputs(reuse_bytes)
+        prunable = [i for i, stage in enumerate(self.model.layers) if stage.blocks[0].num_windows > 1]
+        self.reusable_stages = prunable[-1] if prunable else 0   # stages 0 .. this - 1 are stored
 
     def __call__(self, config: SparsityConfig, keep: tuple[int, ...]) -> float:
         key = ",".join(map(str, keep))
         if key not in self.cache:
             self.model.set_sparsity(config)
-            correct = n = 0
             with torch.inference_mode():
-                for x, y in self.batches:
-                    correct += (self.model(x).argmax(1) == y).sum().item()
-                    n += len(y)
-            self.cache[key] = 100.0 * correct / max(n, 1)
+                correct = sum((self._logits(i, x).argmax(1) == y).sum().item() for i, (x, y) in enumerate(self.batches))
+            self.cache[key] = 100.0 * correct / max(sum(len(y) for _, y in self.batches), 1)
         return self.cache[key]
+
+    def _logits(self, batch: int, images: torch.Tensor) -> torch.Tensor:
+        """The model's forward on one validation batch, from the deepest stored stage output."""
+        m = self.model
+        keys = self._stage_keys()
+        start, x = 0, None
+        for stage in reversed(range(self.reusable_stages)):
+            x = self.reuse.get(keys[stage], batch)
+            if x is not None:
+                start = stage + 1
+                break
+        if x is None:
+            x = m.patch_embed.norm(m.patch_embed.proj(images).permute(0, 2, 3, 1))   # (B, H, W, C)
+        for stage in range(start, len(m.layers)):
+            x = m.layers[stage](x)                                                     # (B, H', W', C')
+            if stage < self.reusable_stages:
+                self.reuse.put(keys[stage], batch, x, len(self.batches))
+        return m.head.fc(m.norm(x).mean(dim=(1, 2)))                                   # (B, classes)
+
+    def _stage_keys(self) -> list[tuple[int, ...]]:
+        """Per stage: windows kept by every block up to and including it."""
+        from edgevit.models.swin import keep_count
+
+        keys, kept = [], ()
+        for stage in self.model.layers:
+            kept += tuple(keep_count(b.num_windows, r) for b, r in zip(stage.blocks, stage.ratios))
+            keys.append(kept)
+        return keys
 
     def test_top1(self, config: SparsityConfig) -> float:
         from edgevit.train import evaluate
 
         self.model.set_sparsity(config)
         return evaluate(self.model, self.data.test, self.mean, self.std)["top1"]
+
+
+class StageOutputs:
+    """Stored stage outputs of every validation batch, by stage key, up to `max_bytes` in all
+    (first come, first kept: the early keys are the ones every later config shares)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.outputs: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}
+        self.refused: set[tuple[int, ...]] = set()
+        self.hits = 0
+
+    def get(self, key: tuple[int, ...], batch: int) -> torch.Tensor | None:
+        x = self.outputs.get(key, {}).get(batch)
+        self.hits += x is not None
+        return x
+
+    def put(self, key: tuple[int, ...], batch: int, x: torch.Tensor, batches: int) -> None:
+        """Store one batch's output; a key is admitted whole (room for all `batches`) or not at all."""
+        if key in self.refused or batch in self.outputs.get(key, {}):
+            return
+        if key not in self.outputs:
+            need = x.element_size() * x.numel() * batches
+            if self.bytes + need > self.max_bytes:
+                self.refused.add(key)
+                return
+            self.outputs[key], self.bytes = {}, self.bytes + need
+        self.outputs[key][batch] = x.contiguous()
 
 
 # ---------------------------------------------------------------------------- evolution

@@ -263,3 +263,26 @@ def test_profile_refuses_models_without_windows(tmp_path):
     Checkpoint.from_model(create_model("vit_micro")).save(path)
     r = CliRunner().invoke(cli, ["profile", "--target", "host", "--checkpoint", str(path)])
     assert r.exit_code == 2 and "no windows to prune" in r.output
+
+
+def test_accuracy_oracle_reuses_stage_outputs_without_changing_a_logit(ckpt_path):
+    """Configs sharing their first stage start from its stored output; every logit equals the
+    model's own forward under the config, with reuse or without it (no room to store)."""
+    from edgevit.search import AccuracyOracle
+    from edgevit.sparsity import sample_config
+
+    ckpt = Checkpoint.load(ckpt_path)
+    reusing, plain = AccuracyOracle(ckpt, 300, 0), AccuracyOracle(ckpt, 300, 0, reuse_bytes=0)
+    base = SparsityConfig.for_model(reusing.model)
+    rng = torch.Generator().manual_seed(0)
+    configs = [sample_config(base.stage_knobs, rng, base.levels) for _ in range(4)]
+    configs += [SparsityConfig([configs[0].ratios[0], r], base.stage_knobs, base.levels) for r in (0.0, 0.3, 0.6)]
+    for config in configs:
+        for oracle in (reusing, plain):
+            oracle.model.set_sparsity(config)
+            with torch.inference_mode():
+                for i, (x, _) in enumerate(oracle.batches):
+                    assert torch.equal(oracle._logits(i, x), oracle.model(x))
+    assert reusing.reusable_stages == 1 and reusing.reuse.hits >= 3 * len(reusing.batches)
+    assert plain.reuse.hits == 0 and plain.reuse.bytes == 0
+    assert reusing(configs[-1], keep_counts(reusing.model, configs[-1])) == plain(configs[-1], keep_counts(plain.model, configs[-1]))
