@@ -87,9 +87,12 @@ def small_population(ckpt, table, model, budget, args) -> dict:
             "ties": sum(e == r for e, r in zip(evo_val, rand_val))}
 
 
-def evaluation_cost(ckpt, n: int, val_images: int) -> dict:
-    """Wall time of `n` accuracy evaluations of random configs, none served from the cache."""
-    oracle = AccuracyOracle(ckpt, val_images, 0)
+def evaluation_cost(ckpt, n: int, val_images: int, reuse: bool = True) -> dict:
+    """Wall time of `n` accuracy evaluations of random configs, none served from the network
+    cache (as if each were a network not scored yet). Stored stage outputs are reused as in a
+    search, except the last prunable stage's, so a repeat costs what a network differing only in
+    its last prunable stage would; `reuse=False` computes every stage."""
+    oracle = AccuracyOracle(ckpt, val_images, 0, **({} if reuse else {"reuse_bytes": 0}))
     base = SparsityConfig.for_model(oracle.model)
     import torch
 
@@ -101,7 +104,8 @@ def evaluation_cost(ckpt, n: int, val_images: int) -> dict:
         oracle(config, keep_counts(oracle.model, config))
     seconds = time.perf_counter() - start
     return {"evaluations": n, "val_images": val_images, "seconds": round(seconds, 1),
-            "seconds_each": round(seconds / n, 3)}
+            "seconds_each": round(seconds / n, 3), "stage_reuse": reuse,
+            "batches_from_stored_stages": oracle.reuse.hits}
 
 
 def main() -> None:
@@ -117,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--parts", nargs="+", default=["budgets", "small", "cost"], choices=["budgets", "small", "cost"],
                     help="which comparisons to run")
+    ap.add_argument("--no-reuse", action="store_true", help="cost: compute every stage of every evaluation")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -149,10 +154,11 @@ def main() -> None:
               f"{s['seeds']} seeds: evolution val {s['evolution_val_mean']:.2f}% vs random {s['random_val_mean']:.2f}% "
               f"(evolution better {s['evolution_wins']}, tied {s['ties']})")
     if "cost" in args.parts:
-        cost = evaluation_cost(ckpt, args.evaluations, args.val_images)
+        cost = evaluation_cost(ckpt, args.evaluations, args.val_images, not args.no_reuse)
         report["evaluation_cost"] = cost
-        print(f"{cost['evaluations']} uncached accuracy evaluations ({cost['val_images']} val images each): "
-              f"{cost['seconds']:.0f} s ({cost['seconds_each']:.2f} s each)")
+        print(f"{cost['evaluations']} uncached accuracy evaluations ({cost['val_images']} val images each, stage "
+              f"outputs {'reused' if cost['stage_reuse'] else 'not reused'}: {cost['batches_from_stored_stages']} "
+              f"batches started from one): {cost['seconds']:.0f} s ({cost['seconds_each']:.2f} s each)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
