@@ -405,8 +405,8 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
     if path.is_file():
         table = LatencyTable.load(path)
         if table.key != key:
-            log(f"{path}: made for {table.key['model']} on {table.key['target']} with schedules "
-                f"{table.key['schedules']}; profiling again for this model, target and schedules")
+            changed = ", ".join(f"{k} {table.key.get(k)!r} -> {key[k]!r}" for k in key if table.key.get(k) != key[k])
+            log(f"{path}: made for other settings ({changed}); profiling again")
             table = None
         else:
             log(f"latency table {path} (dense {table.dense_ms:.3f} ms)")
