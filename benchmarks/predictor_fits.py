@@ -1,10 +1,11 @@
-"""Refit a profiled latency table's rows two ways and score both on its validation rows.
+"""Refit a profiled latency table's rows three ways and score each on its validation rows.
 
 The validation configs were measured after the profile and never enter a fit, so this compares
 the predictors on held-out timings without building anything:
-- `ms`: measured - dense timed alongside, in ms, is the sum of the deltas (the first fit);
-- `ratio`: measured / dense timed alongside - 1 is the sum of the deltas as fractions of dense
-  (`edgevit.latency.fit_table`): a row timed while the machine ran slow is scaled, not shifted.
+- `ms sum`: measured - dense timed alongside, in ms, is the sum of the deltas (the first fit);
+- `ratio sum`: measured / dense timed alongside - 1 is the sum of fractions of dense;
+- `ratio product`: measured / dense timed alongside is the product of per-unit factors
+  (`edgevit.latency.fit_table`'s default).
 
     python benchmarks/predictor_fits.py runs/latency/swin_t-host.json
 """
@@ -23,10 +24,11 @@ from edgevit.models.swin import keep_count
 
 
 def fit_in_ms(table: LatencyTable) -> LatencyTable:
-    """The difference fit, as `fit_table` did before it fitted ratios: y = measured - dense."""
-    rows = [dict(r, measured_ms=table.dense_ms * (1 + (r["measured_ms"] - r["dense_ms"]) / table.dense_ms),
-                 dense_ms=table.dense_ms) for r in table.measurements]
-    return replace(fit_table(table.key, table.windows, table.dense_ms, rows), measurements=table.measurements)
+    """The difference fit, as `fit_table` first did: y = measured - dense, summed."""
+    rows = [dict(r, measured_ms=table.dense_ms + r["measured_ms"] - r["dense_ms"], dense_ms=table.dense_ms)
+            for r in table.measurements]
+    return replace(fit_table(table.key, table.windows, table.dense_ms, rows, combine="sum"),
+                   measurements=table.measurements)
 
 
 def score(table: LatencyTable, validation: list[dict], scale_to_dense_now: bool) -> dict:
@@ -52,12 +54,14 @@ def main() -> None:
         raise SystemExit(f"{args.table}: needs measured rows and a validation (`edgevit profile --validate N`)")
     validation = table.validation["rows"]
     dense = statistics.median(r["dense_ms"] for r in table.measurements)
-    ratio = fit_table(table.key, table.windows, dense, table.measurements)
+    fits = (("ms sum", fit_in_ms(replace(table, dense_ms=dense))),
+            ("ratio sum", fit_table(table.key, table.windows, dense, table.measurements, combine="sum")),
+            ("ratio product", fit_table(table.key, table.windows, dense, table.measurements)))
     report = {}
-    for name, fitted in (("ms", fit_in_ms(replace(table, dense_ms=dense))), ("ratio", ratio)):
+    for name, fitted in fits:
         report[name] = {"absolute": score(fitted, validation, False), "vs_dense_alongside": score(fitted, validation, True)}
         a, s = report[name]["absolute"], report[name]["vs_dense_alongside"]
-        print(f"{name:5s} fit: mean abs error {a['mape']:.2f}% (max {a['max']:.2f}%, {a['within_10pct']:.0f}% within "
+        print(f"{name:13s} fit: mean abs error {a['mape']:.2f}% (max {a['max']:.2f}%, {a['within_10pct']:.0f}% within "
               f"+-10%); against the dense model timed alongside {s['mape']:.2f}% (max {s['max']:.2f}%)")
     print(json.dumps(report))
 

@@ -129,7 +129,7 @@ def test_parse_budget_units_and_errors():
             parse_budget(bad)
 
 
-def test_table_predicts_sum_of_units_and_round_trips(tmp_path, ckpt_path):
+def test_table_predicts_product_of_units_and_round_trips(tmp_path, ckpt_path):
     model = Checkpoint.load(ckpt_path).build_model()
     table = synthetic_table(model)
     assert knob_windows(model) == [16, 4]
@@ -137,7 +137,7 @@ def test_table_predicts_sum_of_units_and_round_trips(tmp_path, ckpt_path):
     assert table.predict(keep_counts(model, dense)) == 10.0          # no overhead without pruning
     half = SparsityConfig.uniform(model, 0.5)
     assert keep_counts(model, half) == (8, 2)
-    assert table.predict((8, 2)) == pytest.approx(10.0 + 0.1 - 3.0 * 8 / 16 - 1.0 * 2 / 4)
+    assert table.predict((8, 2)) == pytest.approx(10.0 * 1.01 * (1 - 0.3 * 8 / 16) * (1 - 0.1 * 2 / 4))
     table.save(tmp_path / "t.json")
     assert LatencyTable.load(tmp_path / "t.json") == table
     with pytest.raises(ConfigError, match="knobs"):
@@ -202,10 +202,10 @@ def test_search_resumes_from_its_state_file(ckpt_path, tmp_path):
 def test_infeasible_budget_names_the_fastest_latency(ckpt_path):
     ckpt = Checkpoint.load(ckpt_path)
     table = synthetic_table(ckpt.build_model())
-    with pytest.raises(InfeasibleBudget, match=r"fastest reachable is 6\.91 ms") as e:
+    with pytest.raises(InfeasibleBudget, match=r"fastest reachable is 7\.07 ms") as e:
         search(ckpt, table, SearchConfig(budget_ms=2.0), lambda c: 0.0, None, log=lambda _: None)
     assert "smaller model" in str(e.value) and e.value.exit_code == 7
-    assert fastest_reachable(table) == pytest.approx(10.0 + 0.1 - 3.0 * 13 / 16 - 1.0 * 3 / 4)
+    assert fastest_reachable(table) == pytest.approx(10.0 * 1.01 * (1 - 0.3 * 13 / 16) * (1 - 0.1 * 3 / 4))
 
 
 def test_over_budget_measurements_are_never_returned(ckpt_path):
@@ -286,3 +286,14 @@ def test_accuracy_oracle_reuses_stage_outputs_without_changing_a_logit(ckpt_path
     assert reusing.reusable_stages == 1 and reusing.reuse.hits >= 3 * len(reusing.batches)
     assert plain.reuse.hits == 0 and plain.reuse.bytes == 0
     assert reusing(configs[-1], keep_counts(reusing.model, configs[-1])) == plain(configs[-1], keep_counts(plain.model, configs[-1]))
+
+
+def test_pruned_units_combine_as_a_product_and_old_tables_still_add(ckpt_path, tmp_path):
+    """Two units saving 20% and 10% alone leave 0.8 x 0.9 of dense together (not 0.7); a table
+    written before the product fit (no "combine") still adds its deltas."""
+    table = LatencyTable({"target": "host"}, 10.0, [{2: -2.0}, {1: -1.0}], [4, 4])
+    assert table.predict((2, 4)) == pytest.approx(8.0) and table.predict((2, 1)) == pytest.approx(7.2)
+    legacy = table.to_dict()
+    del legacy["combine"]
+    (tmp_path / "old.json").write_text(json.dumps(legacy))
+    assert LatencyTable.load(tmp_path / "old.json").predict((2, 1)) == pytest.approx(7.0)
