@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from edgevit.errors import EdgeVitError
 from edgevit.latency import LatencyTable, fit_table
 from edgevit.models.swin import keep_count
 
@@ -49,7 +50,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("table")
     args = ap.parse_args()
-    table = LatencyTable.load(args.table)
+    try:
+        table = LatencyTable.load(args.table)
+    except EdgeVitError as e:
+        raise SystemExit(f"error: {e}") from None
     if not table.measurements or not table.validation:
         raise SystemExit(f"{args.table}: needs measured rows and a validation (`edgevit profile --validate N`)")
     validation = table.validation["rows"]

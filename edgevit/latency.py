@@ -234,8 +234,12 @@ class Measurer:
         `seconds_per_config` (5-25); the dense model's latency sets it, so once per Measurer."""
         if self._rounds is None:
             round_ms = 2 * self.PER_ROUND * max(self.cfg.min_repeat_ms, self.time(self.dense(), self.PER_ROUND))
-            self._rounds = min(25, max(5, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
+            self._rounds = self._rounds_filling(round_ms, 5, 25)
         return self._rounds
+
+    def _rounds_filling(self, round_ms: float, fewest: int, most: int) -> int:
+        """How many rounds of `round_ms` fill `seconds_per_config`, within [fewest, most]."""
+        return min(most, max(fewest, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
 
     def close(self) -> None:
         """Release the loaded models and the board's RPC session (the next Measurer needs it)."""
@@ -247,8 +251,7 @@ class Measurer:
         repeats measured the same fashion config at 0.607 ms and, minutes later, 0.812 ms."""
         session = self.load(block_ratios)
         first = self.time(session, self.PER_ROUND)
-        round_ms = self.PER_ROUND * max(self.cfg.min_repeat_ms, first)
-        rounds = min(50, max(10, int(self.cfg.seconds_per_config * 1e3 / round_ms)))
+        rounds = self._rounds_filling(self.PER_ROUND * max(self.cfg.min_repeat_ms, first), 10, 50)
         return min([first] + [self.time(session, self.PER_ROUND) for _ in range(rounds - 1)])
 
 
