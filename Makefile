@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup system-deps emulator demo fashion test test-fast bench clean
+.PHONY: setup system-deps emulator demo fashion test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,9 @@ fashion: setup system-deps
 
 test: setup system-deps emulator
 	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check edgevit tests benchmarks
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

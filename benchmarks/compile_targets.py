@@ -40,7 +40,7 @@ def main() -> None:
                 out = Path(tmp) / f"{target.name}-{label.replace(' ', '')}"
                 art = compile_model(ckpt, target, out, sparsity, CompileConfig(images=64), log=lambda _: None)
                 bundle = package(art, Path(tmp) / f"{out.name}-bundle")
-                row = {"target": target.name, "config": label, "compile_s": art.manifest["compile_seconds"],
+                row = {"target": target.name, "config": label, "compile_s": art.manifest.compile_seconds,
                        "artifact_bytes": folder_bytes(art.path), "bundle_bytes": bundle["total_bytes"],
                        "check": _check(art, target, args.rpc)}
                 rows.append(row)
@@ -50,7 +50,7 @@ def main() -> None:
 
 
 def _check(art, target, rpc: str) -> dict | str:
-    v = art.manifest["validation"]
+    v = art.manifest.validation
     if "skipped" not in v:
         real = next(r for k, r in v.items() if isinstance(r, dict) and k != "random")
         return {"where": "host", **real}

@@ -105,7 +105,8 @@ def time_tvm(case: Case, target, database: str | None, seconds: float) -> tuple[
     import tvm
     from tvm import relax
 
-    from edgevit.compile import build, to_relax
+    from edgevit.backend.build import build
+    from edgevit.backend.frontend import to_relax
 
     x = case.input()
     start = time.perf_counter()
@@ -152,8 +153,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    from edgevit.backend.database import database_dir
     from edgevit.targets import load_target
-    from edgevit.tune import TuneConfig, database_dir, tune_model
+    from edgevit.tune import TuneConfig, tune_model
 
     torch.set_num_threads(args.threads)
     target = load_target("host")
@@ -165,8 +167,8 @@ def main() -> None:
     for case in cases(args.models, args.batches):
         if args.trials and case.batch in args.tune_batches and case.name in args.tune_models:
             t0 = time.perf_counter()
-            report = tune_model(case.ckpt, target, case.sparsity, TuneConfig(trials_per_kernel=args.trials,
-                                cover=args.cover), database, batch=case.batch, log=lambda s: None)
+            cfg = TuneConfig(trials_per_kernel=args.trials, cover=args.cover, database=database, batch=case.batch)
+            report = tune_model(case.ckpt, target, case.sparsity, cfg, log=lambda s: None)
             print(f"{case.label:24s} tuned {sum(k.trials > 1 for k in report.kernels)} kernels in "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         flops = count_flops(case.model, case.batch)["total"]

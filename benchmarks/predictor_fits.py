@@ -21,7 +21,7 @@ import numpy as np
 
 from edgevit.errors import EdgeVitError
 from edgevit.latency import LatencyTable, fit_table
-from edgevit.models.swin import keep_count
+from edgevit.sparsity import keep_count
 
 
 def fit_in_ms(table: LatencyTable) -> LatencyTable:

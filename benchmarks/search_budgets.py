@@ -24,9 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgevit.checkpoint import Checkpoint
-from edgevit.latency import Measurer, ProfileConfig, ensure_table, keep_counts
+from edgevit.latency import Measurer, ProfileConfig, ensure_table
 from edgevit.search import AccuracyOracle, SearchConfig, fastest_reachable, random_search, search
-from edgevit.sparsity import SparsityConfig, sample_config
+from edgevit.sparsity import SparsityConfig, keep_counts, sample_config
 from edgevit.targets import load_target
 
 
@@ -50,7 +50,7 @@ def distinct_networks(model) -> int:
 
 
 def at_budget(ckpt, table, measurer, model, budget, args) -> dict:
-    cfg = SearchConfig(budget_ms=budget, evaluations=args.evaluations, val_images=args.val_images, seed=args.seed)
+    cfg = SearchConfig(budget=budget, evaluations=args.evaluations, val_images=args.val_images, seed=args.seed)
     start = time.perf_counter()
     evo = search(ckpt, table, cfg, lambda c: measurer(c.per_stage()), None, log=lambda s: None)
     seconds = time.perf_counter() - start
@@ -75,7 +75,7 @@ def small_population(ckpt, table, model, budget, args) -> dict:
     """Evolution vs random under the predictor with `--small` evaluations, over `--seeds` seeds."""
     evo_val, rand_val = [], []
     for seed in range(args.seeds):
-        cfg = SearchConfig(budget_ms=budget, population=args.small_population, parents=max(2, args.small_population // 4),
+        cfg = SearchConfig(budget=budget, population=args.small_population,
                            evaluations=args.small, val_images=args.val_images, seed=seed, measure_top=1)
         evo = search(ckpt, table, cfg, lambda c: table.predict(keep_counts(model, c)), None, log=lambda s: None)
         rand = random_search(ckpt, table, replace(cfg, evaluations=evo.evaluations))
@@ -127,7 +127,7 @@ def main() -> None:
 
     ckpt, target = Checkpoint.load(args.checkpoint), load_target(args.target)
     table, path = ensure_table(ckpt, target, None, ProfileConfig(), args.table)
-    measurer = Measurer(ckpt, target, None, ProfileConfig(), tuning=table.key["schedules"] != "rules")
+    measurer = Measurer(ckpt, target, None, ProfileConfig(tuning=table.key["schedules"] != "rules"))
     model = ckpt.build_model().eval()
     fastest, dense = fastest_reachable(table), table.dense_ms
     print(f"{ckpt.model_name} on {target.name}: dense {dense:.3f} ms, fastest reachable {fastest:.3f} ms ({path}); "

@@ -15,6 +15,7 @@ import torch
 from edgevit.checkpoint import Checkpoint
 from edgevit.data import DataBundle
 from edgevit.sparsity import DEFAULT_LEVELS, SparsityConfig, sample_config
+from edgevit.stages import StageRun
 from edgevit.train import TrainConfig, evaluate, train
 
 
@@ -27,6 +28,8 @@ class AdaptConfig(TrainConfig):
     levels: tuple[float, ...] = DEFAULT_LEVELS
 
     def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be >= 1")
         if self.lr is not None:
             super().__post_init__()
         if not self.levels or any(not 0.0 <= r < 1.0 for r in self.levels):
@@ -69,3 +72,10 @@ def accuracy_under_sparsity(model: torch.nn.Module, data: DataBundle, split: str
         out[r] = evaluate(model, data.split(split), mean, std)["top1"]
     model.set_sparsity(None)
     return out
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `adapt` recipe stage: the trained model adapted with [adapt]."""
+    dense = run.require("train")
+    return run.cached("adapt", lambda: adapt(dense, run.data, run.config("adapt"), run.dir("adapt"), resume=True,
+                                             extra_meta=run.meta("adapt"))).metrics

@@ -7,7 +7,6 @@ pickles. A user's own plain state dict (e.g. timm key names) loads too, given a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import platform
@@ -142,10 +141,3 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
                                   f"{tuple(own[k].shape)}; check the model settings (img_size, num_classes, ...)")
     model.load_state_dict(state, strict=False)
 
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -6,7 +6,6 @@ figures can also be written as JSON with --json PATH.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,17 @@ class CliError(click.ClickException):
         click.echo(f"error: {self.message}", err=True)
 
 
+# What Ctrl-C leaves behind, per command (every artifact is written atomically, so never half a file)
+INTERRUPTED = {
+    "train": "run the same command with --resume to continue",
+    "adapt": "run the same command with --resume to continue",
+    "tune": "the records measured so far are kept; run the same command to continue",
+    "profile": "the configs measured so far are kept; run the same command to continue",
+    "search": "its progress is kept; run the same command to continue",
+    "run": "finished stages are kept; run the same command to continue",
+}
+
+
 class EdgeVitGroup(click.Group):
     """Maps EdgeVitError to CliError, so no user error ever prints a traceback."""
 
@@ -62,7 +72,16 @@ class EdgeVitGroup(click.Group):
         except EdgeVitError as e:
             raise CliError(str(e), e.exit_code) from None
         except KeyboardInterrupt:
-            raise CliError("interrupted; run the same command with --resume to continue", 130) from None
+            fix = INTERRUPTED.get(ctx.invoked_subcommand or "", "nothing was written; run the command again")
+            raise CliError(f"interrupted; {fix}", 130) from None
+
+
+def _config(cls, command: str, **given):
+    """A stage's config dataclass from the options given (None: the default), one-line errors."""
+    try:
+        return cls(**{k: v for k, v in given.items() if v is not None})
+    except ValueError as e:
+        raise EdgeVitError(f"{command}: {e}") from None
 
 
 @click.group(cls=EdgeVitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -128,12 +147,8 @@ def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, no_
 
     torch.manual_seed(seed or 0)  # reproducible weight init
     model = create_model(model_name, **{"num_classes": data.num_classes, "in_chans": data.channels, **overrides})
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "teacher": teacher,
-             "augment": False if no_augment else None}
-    try:
-        tcfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise EdgeVitError(f"train: {e}") from None
+    tcfg = _config(TrainConfig, "train", epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, teacher=teacher,
+                   augment=False if no_augment else None)
     ckpt = train(model, data, tcfg, out_dir, resume=resume, extra_meta={"data": {"seed": seed or 0}})
     if ckpt.metrics:
         click.echo(f"val top-1 {ckpt.metrics['val']['top1']:.2f}%  test top-1 {ckpt.metrics['test']['top1']:.2f}%"
@@ -185,11 +200,7 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
 
     ckpt = Checkpoint.load(ckpt_path)
     data = _checkpoint_data(ckpt, spec, ckpt_path)
-    given = {"epochs": epochs, "lr": lr, "batch_size": batch_size}
-    try:
-        cfg = AdaptConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise EdgeVitError(f"adapt: {e}") from None
+    cfg = _config(AdaptConfig, "adapt", epochs=epochs, lr=lr, batch_size=batch_size)
     out = adapt(ckpt, data, cfg, out_dir, resume=resume)
     click.echo(f"adapted (dense) val top-1 {out.metrics['val']['top1']:.2f}%  "
                f"test top-1 {out.metrics['test']['top1']:.2f}%  -> {Path(out_dir) / FINAL}")
@@ -244,6 +255,13 @@ def _sparsity_from(model, value: str | None):
     return SparsityConfig.uniform(model, ratio)
 
 
+def _device(target, rpc: str | None, key: str | None):
+    """The device behind --rpc/--key (the target's rpc_key by default); None: this machine."""
+    from edgevit.backend.runtime import Device
+
+    return Device(target.device, rpc, key or target.rpc_key) if rpc else None
+
+
 def _checkpoint_data(ckpt, spec: str | None, ckpt_path):
     from edgevit.data import load_data
 
@@ -285,20 +303,18 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     from edgevit.compile import CompileConfig, compile_model
     from edgevit.targets import load_target
 
+    cfg = _config(CompileConfig, "compile", batch=batch, validate=not no_validate, tuning=not no_tuning,
+                  database=database)
     target = load_target(target_name)
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
-    try:
-        cfg = CompileConfig(batch=batch, validate=not no_validate, tuning=not no_tuning, database=database)
-    except ValueError as e:
-        raise EdgeVitError(f"compile: {e}") from None
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)
     m = artifact.manifest
-    size = sum((artifact.path / f).stat().st_size for f in m["files"])
-    click.echo(f"compiled {m['model']['name']} for {target.name} in {m['compile_seconds']:.1f} s "
-               f"-> {out_dir} ({size / 1e6:.2f} MB)")
-    _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m["compile_seconds"],
-                            "bytes": size, "validation": m["validation"], "sparsity": m["sparsity"]})
+    click.echo(f"compiled {m.model['name']} for {target.name} in {m.compile_seconds:.1f} s "
+               f"-> {out_dir} ({artifact.bytes / 1e6:.2f} MB)")
+    _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m.compile_seconds,
+                            "bytes": artifact.bytes, "validation": m.validation, "sparsity": m.sparsity,
+                            "tolerance": m.tolerance.__dict__})
 
 
 @cli.command("tune")
@@ -315,19 +331,14 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
 def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, database, rpc, key, json_path) -> None:
     """MetaSchedule-tune a model's kernels into the database `compile` uses (resumable)."""
     from edgevit.checkpoint import Checkpoint
-    from edgevit.runtime import Device
     from edgevit.targets import load_target
     from edgevit.tune import TuneConfig, tune_model
 
+    cfg = _config(TuneConfig, "tune", trials_per_kernel=trials, batch=batch, database=database)
     target = load_target(target_name)
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
-    try:
-        cfg = TuneConfig(trials_per_kernel=trials)
-    except ValueError as e:
-        raise EdgeVitError(f"tune: {e}") from None
-    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
-    report = tune_model(ckpt, target, config, cfg, database, device, batch, log=click.echo)
+    report = tune_model(ckpt, target, config, cfg, _device(target, rpc, key), log=click.echo)
     click.echo(f"tuned {len(report.kernels)} kernels in {report.seconds:.0f} s: kernel time "
                f"{report.estimate_ms('default_ms'):.3f} ms (default rules) -> {report.estimate_ms('best_ms'):.3f} ms; "
                f"database {report.database}")
@@ -352,17 +363,14 @@ def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n,
     """Measure a latency table on the target (each knob at each sparsity level, compiled as deployed)."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.latency import ProfileConfig, ensure_table
-    from edgevit.runtime import Device
     from edgevit.targets import load_target
 
+    cfg = _config(ProfileConfig, "profile", batch=batch, calibrate=calibrate, validate=validate_n,
+                  tuning=not no_tuning)
     target = load_target(target_name)
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     _sparsity_from(ckpt.build_model(), "0.0")  # a one-line error for models without windows
-    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
-    if batch < 1 or calibrate < 0 or validate_n < 0:
-        raise EdgeVitError("profile: --batch must be >= 1, --calibrate and --validate >= 0")
-    table, path = ensure_table(ckpt, target, device, ProfileConfig(batch=batch, calibrate=calibrate), out_path,
-                               not no_tuning, validate_n, log=click.echo)
+    table, path = ensure_table(ckpt, target, _device(target, rpc, key), cfg, out_path, log=click.echo)
     click.echo(f"{path}: dense {table.dense_ms:.3f} ms, {sum(len(d) for d in table.deltas)} units, overhead "
                f"{table.overhead_ms:+.3f} ms")
     _write_json(json_path, table.to_dict())
@@ -391,19 +399,13 @@ def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations
     from edgevit.search import SearchConfig, parse_budget, run_search
     from edgevit.targets import load_target
 
+    parse_budget(budget)   # the option's own message for a bad budget
+    cfg = _config(SearchConfig, "search", budget=budget, population=population, evaluations=evaluations,
+                  val_images=val_images, seed=seed, finetune=finetune_epochs, tuning=not no_tuning)
     target = load_target(target_name)
     ckpt = Checkpoint.load(ckpt_path)
     _sparsity_from(ckpt.build_model(), "0.0")
-    try:
-        cfg = SearchConfig(budget_ms=parse_budget(budget), population=population, parents=max(2, population // 4),
-                           evaluations=evaluations, val_images=val_images, seed=seed)
-    except ValueError as e:
-        raise EdgeVitError(f"search: {e}") from None
-    from edgevit.runtime import Device
-
-    device = Device(target.device, rpc, key or target.rpc_key) if rpc else None
-    result = run_search(ckpt, target, cfg, out_path, table_path, device, not no_tuning, finetune_epochs,
-                        log=click.echo)
+    result = run_search(ckpt, target, cfg, out_path, table_path, _device(target, rpc, key), log=click.echo)
     click.echo(f"chosen {result.sparsity['ratios']}: val top-1 {result.val_top1:.2f}%, test top-1 "
                f"{result.test_top1:.2f}%" + (f" ({result.finetuned_test_top1:.2f}% after fine-tuning)"
                                                if result.finetuned_test_top1 is not None else "")
@@ -423,7 +425,7 @@ def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
 def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
     """Run an artifact on its device and check it against the PyTorch reference it carries."""
-    from edgevit.compile import CompiledArtifact
+    from edgevit.artifact import CompiledArtifact
     from edgevit.verify import verify
 
     artifact = CompiledArtifact.load(artifact_dir)
@@ -441,7 +443,7 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
 def package_cmd(artifact_dir, out_dir, json_path) -> None:
     """Make a deploy bundle: library, weights, manifest and a loader needing only the TVM runtime."""
-    from edgevit.compile import CompiledArtifact
+    from edgevit.artifact import CompiledArtifact
     from edgevit.package import package
 
     result = package(CompiledArtifact.load(artifact_dir), out_dir)
@@ -458,7 +460,7 @@ def emulator_grp() -> None:
 @emulator_grp.command("setup")
 def emulator_setup() -> None:
     """Download the arm64 sysroot and aarch64 wheels (once; needs apt/dpkg as root)."""
-    from edgevit.emulator import Emulator, setup
+    from edgevit.backend.emulator import Emulator, setup
 
     setup(Emulator.default(), log=click.echo)
 
@@ -466,7 +468,7 @@ def emulator_setup() -> None:
 @emulator_grp.command("start")
 def emulator_start() -> None:
     """Start the tracker (127.0.0.1:9190) and the emulated server (key rasp4b)."""
-    from edgevit.emulator import Emulator, start
+    from edgevit.backend.emulator import Emulator, start
 
     start(Emulator.default(), log=click.echo)
 
@@ -475,7 +477,7 @@ def emulator_start() -> None:
 @click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
 def emulator_status(json_path) -> None:
     """Show whether the tracker and server run and which keys are free."""
-    from edgevit.emulator import Emulator, status
+    from edgevit.backend.emulator import Emulator, status
 
     s = status(Emulator.default())
     click.echo(f"set up: {s['set_up']}  tracker {s['tracker']}: {'up' if s['tracker_running'] else 'down'}  "
@@ -486,9 +488,17 @@ def emulator_status(json_path) -> None:
 @emulator_grp.command("stop")
 def emulator_stop() -> None:
     """Stop the emulated server and the tracker."""
-    from edgevit.emulator import Emulator, stop
+    from edgevit.backend.emulator import Emulator, stop
 
     stop(Emulator.default(), log=click.echo)
+
+
+@cli.command("stages")
+def stages_cmd() -> None:
+    """Print the recipe reference: every stage, what it reads and writes, its table's keys."""
+    from edgevit.stages import reference_markdown
+
+    click.echo(reference_markdown(), nl=False)
 
 
 @cli.command("run")

@@ -14,7 +14,6 @@ index shuffling plus a batched affine augmentation: the data pipeline never star
 from __future__ import annotations
 
 import gzip
-import io
 import pickle
 import struct
 from dataclasses import dataclass, field

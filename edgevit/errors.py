@@ -35,3 +35,9 @@ class ValidationError(EdgeVitError):
     """A compiled model whose output disagrees with PyTorch's."""
 
     exit_code = 6
+
+
+class InfeasibleBudget(EdgeVitError):
+    """A latency budget no sparsity config of the model meets on the target."""
+
+    exit_code = 7

@@ -30,51 +30,25 @@ from typing import Callable
 import numpy as np
 import torch
 
+from edgevit.backend.runtime import Device
 from edgevit.checkpoint import Checkpoint
 from edgevit.errors import ConfigError, EdgeVitError
-from edgevit.fileio import write_json
-from edgevit.runtime import Device
-from edgevit.sparsity import SparsityConfig, sample_config
+from edgevit.fileio import read_artifact, read_cache, write_json
+from edgevit.sparsity import (
+    SparsityConfig,
+    distinct_units,
+    keep_counts,
+    keep_of,
+    knob_windows,
+    sample_config,
+    single_knob_ratios,
+)
+from edgevit.stages import StageRun
 from edgevit.targets import Target
 
 TABLE_KIND = "edgevit.latency_table"
 TIMING = "fastest repeat"   # of repeats of >= min_repeat_ms each (Measurer.time); in the table key
 Log = Callable[[str], None]
-
-
-# ---------------------------------------------------------------------------- the model's units
-
-
-def knob_windows(model) -> list[int]:
-    """Windows per knob (the stage's window count for each pair of blocks)."""
-    counts = []
-    for stage in model.layers:
-        counts.extend(stage.blocks[b].num_windows for b in range(0, len(stage.blocks), 2))
-    return counts
-
-
-def keep_counts(model, config: SparsityConfig) -> tuple[int, ...]:
-    """Windows each knob keeps under `config` (== the window count: the knob runs dense)."""
-    return tuple(keep_of(knob_windows(model), config.per_stage()))
-
-
-def keep_of(windows: list[int], block_ratios: list[list[float]]) -> list[int]:
-    """Windows each knob keeps under per-stage knob ratios, sorted or not (a single-knob probe
-    prunes one knob of a stage and leaves the ones after it dense)."""
-    from edgevit.models.swin import keep_count
-
-    return [keep_count(n, r) for n, r in zip(windows, [r for stage in block_ratios for r in stage])]
-
-
-def single_knob_ratios(config_knobs: tuple[int, ...], knob: int, ratio: float) -> list[list[float]]:
-    """Per-stage knob ratios with only `knob` pruned (for profiling one unit at a time)."""
-    ratios = [0.0] * sum(config_knobs)
-    ratios[knob] = ratio
-    out, i = [], 0
-    for n in config_knobs:
-        out.append(ratios[i:i + n])
-        i += n
-    return out
 
 
 # ---------------------------------------------------------------------------- the table
@@ -113,18 +87,13 @@ class LatencyTable:
 
     @classmethod
     def load(cls, path: str | Path) -> "LatencyTable":
-        path = Path(path)
-        if not path.is_file():
-            raise EdgeVitError(f"{path}: no latency table; measure one with `edgevit profile`")
+        d = read_artifact(path, TABLE_KIND, "measure one with `edgevit profile`", versions=(1, 2))
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise EdgeVitError(f"{path}: malformed latency table ({e}); profile again") from None
-        if not isinstance(d, dict) or d.get("kind") != TABLE_KIND:
-            raise EdgeVitError(f"{path}: not a latency table (kind {d.get('kind') if isinstance(d, dict) else '?'})")
-        return cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
-                   d["windows"], d.get("overhead_ms", 0.0), d.get("measurements", []), d.get("validation"),
-                   d.get("combine", "sum"))
+            return cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
+                       d["windows"], d.get("overhead_ms", 0.0), d.get("measurements", []), d.get("validation"),
+                       d.get("combine", "sum"))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EdgeVitError(f"{path}: damaged latency table ({type(e).__name__}: {e}); profile again") from None
 
 
 def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> dict:
@@ -147,10 +116,25 @@ def default_table_path(key: dict) -> Path:
 class ProfileConfig:
     batch: int = 1
     calibrate: int = 12         # random full configs, fitted together with the single units
+    validate: int = 0           # fresh random configs measured end to end against the predictor
+    tuning: bool = True         # use the target's tuning database when it has records
     repeat: int = 15            # timed repeats per config (the fastest counts)
     min_repeat_ms: float = 30.0  # each repeat runs the model this long (several calls when fast)
     seconds_per_config: float = 2.0  # timing per config and dense alongside, in alternating rounds
     seed: int = 0
+
+    def __post_init__(self):
+        if self.batch < 1 or self.calibrate < 0 or self.validate < 0:
+            raise ValueError("batch must be >= 1, calibrate and validate >= 0")
+        if self.repeat < 1 or self.min_repeat_ms <= 0 or self.seconds_per_config <= 0:
+            raise ValueError("repeat must be >= 1, min_repeat_ms and seconds_per_config > 0")
+
+
+@dataclass(frozen=True)
+class ProfileStageConfig(ProfileConfig):
+    """The recipe's [profile] table: the target, and how to profile on it."""
+
+    target: str = "host"
 
 
 class Measurer:
@@ -160,16 +144,15 @@ class Measurer:
     more than a unit's effect. So the dense model stays loaded and is timed in alternation with
     every config (`versus_dense`): a unit's delta is taken against the dense timings around it."""
 
-    def __init__(self, ckpt: Checkpoint, target: Target, device: Device | None, cfg: ProfileConfig,
-                 tuning: bool = True):
-        from edgevit.compile import CompileConfig, schedule_source
+    def __init__(self, ckpt: Checkpoint, target: Target, device: Device | None, cfg: ProfileConfig):
+        from edgevit.backend.database import schedule_source
 
         self.ckpt, self.target, self.cfg = ckpt, target, cfg
         self.device = device or Device(target.device)
         if not target.runs_here and self.device.rpc is None:
             raise EdgeVitError(f"target '{target.name}' ({target.arch}) does not run on this machine; measure on "
                                "the device: --rpc HOST:PORT --key KEY (see `edgevit emulator start`)")
-        self.schedules, self.database = schedule_source(target, CompileConfig(tuning=tuning))
+        self.schedules, self.database = schedule_source(target, cfg.tuning)
         self.model = ckpt.build_model().eval()
         c = self.model.cfg
         self.shape = (cfg.batch, c.in_chans, c.img_size, c.img_size)
@@ -180,14 +163,15 @@ class Measurer:
         # a board serves one session at a time; a profile can outlast any fixed session timeout
         self.remote = None
         if self.device.rpc is not None:
-            from edgevit.runtime import connect
+            from edgevit.backend.runtime import connect
 
             self.remote = connect(self.device, session_timeout=0)
 
     def load(self, block_ratios: list[list[float]]):
         """Compile, export and load one config on the device; returns its Session."""
-        from edgevit.compile import build, export_library, save_weights, to_relax
-        from edgevit.runtime import Session
+        from edgevit.backend.build import build, export_library, save_weights
+        from edgevit.backend.frontend import to_relax
+        from edgevit.backend.runtime import Session
 
         depths = tuple(self.model.cfg.depths)
         self.model.set_block_ratios([[knobs[b // 2] for b in range(d)] for knobs, d in zip(block_ratios, depths)])
@@ -264,13 +248,9 @@ class MeasuredRows:
 
     def __init__(self, path: Path | None, plan: dict):
         self.path, self.plan, self.rows = path, plan, []
-        if path is not None and path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                saved = {}
-            if saved.get("plan") == json.loads(json.dumps(plan)):
-                self.rows = saved["rows"]
+        saved = read_cache(path) or {}
+        if saved.get("plan") == json.loads(json.dumps(plan)):
+            self.rows = saved.get("rows", [])
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
@@ -286,16 +266,16 @@ class MeasuredRows:
 
 
 def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg: ProfileConfig = ProfileConfig(),
-            tuning: bool = True, log: Log = print, checkpoint: Path | None = None) -> LatencyTable:
+            log: Log = print, checkpoint: Path | None = None) -> LatencyTable:
     """Measure dense, every (knob, k) unit alone and `cfg.calibrate` random configs, then fit the
     table; with `checkpoint`, measured rows are kept there and a rerun skips them."""
     from tqdm import tqdm
 
-    measure = Measurer(ckpt, target, device, cfg, tuning)
+    measure = Measurer(ckpt, target, device, cfg)
     model = measure.model
     base = SparsityConfig.for_model(model)
     windows = knob_windows(model)
-    units = _distinct_units(windows, base.levels)
+    units = distinct_units(windows, base.levels)
     log(f"profiling {ckpt.model_name} on {target.name} ({measure.device.label}, schedules {measure.schedules}): "
         f"dense + {len(units)} units + {cfg.calibrate} random configs")
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -355,7 +335,7 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
     """Compile and measure `n` fresh random configs; absolute percentage error of the predictor."""
     from tqdm import tqdm
 
-    measure = Measurer(ckpt, target, device, cfg, tuning=table.key["schedules"] != "rules")
+    measure = Measurer(ckpt, target, device, replace(cfg, tuning=table.key["schedules"] != "rules"))
     base = SparsityConfig.for_model(measure.model)
     rng = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     configs = _random_sparse_configs(base, rng, n)
@@ -381,21 +361,6 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
     return result
 
 
-def _distinct_units(windows: list[int], levels) -> list[tuple[int, int, float]]:
-    """(knob, k, smallest ratio giving k) for every k < windows the levels can reach."""
-    from edgevit.models.swin import keep_count
-
-    units = []
-    for knob, n in enumerate(windows):
-        seen = set()
-        for r in levels:
-            k = keep_count(n, r)
-            if r > 0 and k < n and k not in seen:
-                seen.add(k)
-                units.append((knob, k, r))
-    return units
-
-
 def _random_sparse_configs(base: SparsityConfig, rng: torch.Generator, n: int) -> list[SparsityConfig]:
     out = []
     while len(out) < n:
@@ -406,15 +371,16 @@ def _random_sparse_configs(base: SparsityConfig, rng: torch.Generator, n: int) -
 
 
 def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: ProfileConfig,
-                 path: str | Path | None = None, tuning: bool = True, validate_n: int = 0,
-                 log: Log = print) -> tuple[LatencyTable, Path]:
+                 path: str | Path | None = None, log: Log = print) -> tuple[LatencyTable, Path]:
     """The table for this model/target/schedules: loaded when it exists and matches, else profiled
-    (and saved). `validate_n` > 0 measures that many random configs into its `validation`."""
-    from edgevit.compile import CompileConfig, schedule_source
+    (and saved). `cfg.validate` > 0 measures that many random configs into its `validation`."""
+    from edgevit.backend.database import schedule_source
 
-    source, _ = schedule_source(target, CompileConfig(tuning=tuning))
+    source, _ = schedule_source(target, cfg.tuning)
     key = table_key(ckpt, target, cfg.batch, source)
     path = Path(path) if path else default_table_path(key)
+    if path.is_dir():
+        raise EdgeVitError(f"{path} is a folder; pass the path of a latency table file (.json)")
     table = None
     if path.is_file():
         table = LatencyTable.load(path)
@@ -425,13 +391,27 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
         else:
             log(f"latency table {path} (dense {table.dense_ms:.3f} ms)")
     if table is None:
-        table = profile(ckpt, target, device, cfg, tuning, log, checkpoint=path.with_name(path.name + ".partial"))
+        table = profile(ckpt, target, device, cfg, log, checkpoint=path.with_name(path.name + ".partial"))
         table.save(path)
         log(f"wrote latency table {path}: dense {table.dense_ms:.3f} ms, calibrated overhead "
             f"{table.overhead_ms:+.3f} ms")
-    if validate_n:
-        result = validate(table, ckpt, target, validate_n, device, cfg, log,
+    if cfg.validate:
+        result = validate(table, ckpt, target, cfg.validate, device, cfg, log,
                           checkpoint=path.with_name(path.name + ".validate.partial"))
         table = replace(table, validation=result)
         table.save(path)
     return table, path
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `profile` recipe stage: the deployed model's table on [profile].target (reused while
+    model, target and schedules match)."""
+    from edgevit.targets import load_target
+
+    cfg = run.config("profile")
+    path = run.dir("profile") / "latency.json"
+    if run.force:
+        path.unlink(missing_ok=True)
+    table, _ = ensure_table(run.deployed_checkpoint(), load_target(cfg.target), None, cfg, path, run.log)
+    return {"table": str(path), "dense_ms": table.dense_ms, "overhead_ms": table.overhead_ms,
+            "validation": {k: v for k, v in (table.validation or {}).items() if k != "rows"}}

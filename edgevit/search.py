@@ -12,34 +12,39 @@ same windows are the same network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from edgevit.checkpoint import Checkpoint
-from edgevit.errors import ConfigError, EdgeVitError
-from edgevit.fileio import write_json
-from edgevit.latency import LatencyTable, keep_counts
-from edgevit.sparsity import SparsityConfig
+from edgevit.errors import ConfigError, EdgeVitError, InfeasibleBudget
+from edgevit.fileio import read_artifact, read_cache, write_json
+from edgevit.latency import LatencyTable
+from edgevit.sparsity import SparsityConfig, keep_counts, stage_keep_keys
+from edgevit.stages import StageRun
 
 RESULT_KIND = "edgevit.search_result"
 STALL_GENERATIONS = 5   # generations without a new config: the reachable space is exhausted
 Log = Callable[[str], None]
 
-
-class InfeasibleBudget(EdgeVitError):
-    exit_code = 7
+__all__ = ["InfeasibleBudget", "SearchConfig", "SearchResult", "parse_budget", "run_search", "search"]
 
 
-def parse_budget(text: str) -> float:
-    """'20ms', '500us', '0.02s', '20' (ms) -> milliseconds."""
+def parse_budget(text: str | float) -> float:
+    """'20ms', '500us', '0.02s', '20' or 20 (ms) -> milliseconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if not math.isfinite(text) or text <= 0:
+            raise ConfigError(f"--budget must be a positive latency, got {text!r}")
+        return float(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|us|µs|s)?\s*", str(text))
     if not m:
         raise ConfigError(f"--budget '{text}' is not a latency; write e.g. 20ms or 500us")
@@ -52,21 +57,41 @@ def parse_budget(text: str) -> float:
 
 @dataclass(frozen=True)
 class SearchConfig:
-    budget_ms: float
+    """The search's settings; also the recipe's [search] table."""
+
+    budget: str | float = "1ms"     # '20ms', '500us', '0.02s'; a number is ms
     population: int = 100
-    parents: int = 25
+    parents: int | None = None      # the best this many breed; default a quarter of the population (>= 2)
     mutation_prob: float = 0.1
     evaluations: int = 500          # distinct accuracy evaluations (the cost that matters)
     max_generations: int = 50
     val_images: int = 2000          # fixed validation subset used to score candidates
     measure_top: int = 5            # final candidates compiled and measured for real
     seed: int = 0
+    finetune: int = 0               # epochs of fine-tuning for the chosen config
+    tuning: bool = True             # use the target's tuning database when it has records
 
     def __post_init__(self):
-        if self.parents < 2 or self.parents > self.population:
+        try:
+            parse_budget(self.budget)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("--")) from None
+        if self.population < 4 or self.evaluations < 1 or self.val_images < 0:
+            raise ValueError("population must be >= 4, evaluations >= 1 and val_images >= 0")
+        if not 2 <= self.n_parents <= self.population:
             raise ValueError("parents must be between 2 and the population size")
         if not 0 <= self.mutation_prob <= 1:
             raise ValueError("mutation probability must be in [0, 1]")
+        if self.measure_top < 1 or self.max_generations < 1 or self.finetune < 0:
+            raise ValueError("measure_top and max_generations must be >= 1, finetune >= 0")
+
+    @functools.cached_property
+    def budget_ms(self) -> float:
+        return parse_budget(self.budget)
+
+    @property
+    def n_parents(self) -> int:
+        return self.parents if self.parents is not None else max(2, self.population // 4)
 
 
 @dataclass
@@ -124,7 +149,7 @@ class AccuracyOracle:
     def _logits(self, batch: int, images: torch.Tensor) -> torch.Tensor:
         """The model's forward on one validation batch, from the deepest stored stage output."""
         m = self.model
-        keys = self._stage_keys()
+        keys = stage_keep_keys(m)
         start, x = 0, None
         for stage in reversed(range(self.reusable_stages)):
             x = self.reuse.get(keys[stage], batch)
@@ -138,16 +163,6 @@ class AccuracyOracle:
             if stage < self.reusable_stages:
                 self.reuse.put(keys[stage], batch, x, len(self.batches))
         return m.head.fc(m.norm(x).mean(dim=(1, 2)))                                   # (B, classes)
-
-    def _stage_keys(self) -> list[tuple[int, ...]]:
-        """Per stage: windows kept by every block up to and including it."""
-        from edgevit.models.swin import keep_count
-
-        keys, kept = [], ()
-        for stage in self.model.layers:
-            kept += tuple(keep_count(b.num_windows, r) for b, r in zip(stage.blocks, stage.ratios))
-            keys.append(kept)
-        return keys
 
     def test_top1(self, config: SparsityConfig) -> float:
         from edgevit.train import evaluate
@@ -242,7 +257,7 @@ class Evolution:
         return self.fill(self.random_ratios, self.cfg.population, self.cfg.population * 200)
 
     def next_population(self, population: list[Candidate]) -> list[Candidate]:
-        parents = sorted(population, key=lambda c: -c.val_top1)[: self.cfg.parents]
+        parents = sorted(population, key=lambda c: -c.val_top1)[: self.cfg.n_parents]
         n_mut = self.cfg.population // 2
         n_cross = self.cfg.population - len(parents) - n_mut
         mutated = self.fill(lambda: self.mutate(self.rng.choice(parents)), n_mut, n_mut * 50)
@@ -296,6 +311,19 @@ class SearchResult:
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SearchResult":
+        d = read_artifact(path, RESULT_KIND, "write one with `edgevit search`")
+        names = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise EdgeVitError(f"{path}: damaged search result ({e}); search again") from None
+
+    @property
+    def config(self) -> SparsityConfig:
+        return SparsityConfig.from_dict(self.sparsity, "search result sparsity")
 
 
 def fastest_reachable(table: LatencyTable) -> float:
@@ -424,28 +452,25 @@ def _save_state(path, cfg, table, generation, stalled, population, seen, oracle,
 
 
 def _load_state(path, cfg, table) -> dict | None:
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        state = json.loads(Path(path).read_text())
-    except json.JSONDecodeError:
-        return None  # a state file is only a cache: start over
-    return state if state.get("settings") == _settings_digest(cfg, table) else None
+    state = read_cache(path)   # only a cache: a missing or damaged one starts over
+    return state if state and state.get("settings") == _settings_digest(cfg, table) else None
 
 
-def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path, table_path=None, device=None,
-               tuning: bool = True, finetune_epochs: int = 0, log: Log = print) -> SearchResult:
+def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path, table_path: str | Path | None = None,
+               device=None, log: Log = print) -> SearchResult:
     """The whole command: latency table (profiled if missing), evolution, real measurement, the
     result written atomically; a `<out>.state.json` beside it makes a killed run resume."""
     from edgevit.latency import Measurer, ProfileConfig, ensure_table
 
-    table, _ = ensure_table(ckpt, target, device, ProfileConfig(), table_path, tuning, log=log)
-    measurer = Measurer(ckpt, target, device, ProfileConfig(), tuning=table.key["schedules"] != "rules")
     out_path = Path(out_path)
+    if out_path.is_dir():
+        raise EdgeVitError(f"{out_path} is a folder; pass the path of the result file to write (-o result.json)")
+    table, _ = ensure_table(ckpt, target, device, ProfileConfig(tuning=cfg.tuning), table_path, log=log)
+    measurer = Measurer(ckpt, target, device, ProfileConfig(tuning=table.key["schedules"] != "rules"))
     state = out_path.with_name(out_path.name + ".state.json")
     result = search(ckpt, table, cfg, lambda config: measurer(config.per_stage()), state, log)
-    if finetune_epochs:
-        result = _finetune(ckpt, result, finetune_epochs, out_path, log)
+    if cfg.finetune:
+        result = _finetune(ckpt, result, cfg.finetune, out_path, log)
     result.save(out_path)
     state.unlink(missing_ok=True)
     return result
@@ -453,8 +478,6 @@ def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path
 
 def _finetune(ckpt: Checkpoint, result: SearchResult, epochs: int, out_path: Path, log: Log) -> SearchResult:
     """Train the chosen config for a few epochs (10x below the source lr, as SAA does)."""
-    from dataclasses import replace
-
     from edgevit.data import load_data
     from edgevit.train import TrainConfig, evaluate, train
 
@@ -471,3 +494,18 @@ def _finetune(ckpt: Checkpoint, result: SearchResult, epochs: int, out_path: Pat
     top1 = evaluate(m, data.test, d.get("mean", data.mean), d.get("std", data.std))["top1"]
     log(f"fine-tuned {epochs} epochs at lr {lr:g}: test top-1 {top1:.2f}% ({folder}/model.pt)")
     return replace(result, finetuned_test_top1=top1)
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `search` recipe stage: evolution under [search].budget on [profile]'s target and table;
+    writes OUT/search/result.json."""
+    from edgevit.targets import load_target
+
+    cfg, target = run.config("search"), load_target(run.config("profile").target)
+    out = run.dir("search") / "result.json"
+    table = run.dir("profile") / "latency.json"
+    result = run_search(run.deployed_checkpoint(), target, cfg, out, table if table.exists() else None, log=run.log)
+    run.log(f"search: {result.sparsity['ratios']} val {result.val_top1:.2f}% test {result.test_top1:.2f}%, measured "
+            f"{result.measured_ms:.3f} ms within {result.budget_ms:g} ms -> {out}")
+    return {"result": str(out), "ratios": result.sparsity["ratios"], "test_top1": result.test_top1,
+            "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms}

@@ -1,4 +1,4 @@
-"""Per-layer window sparsity configs (SparseViT's search space).
+"""Window sparsity: per-layer configs (SparseViT's search space) and all the window-count math.
 
 One ratio ("knob") per pair of consecutive blocks, so W-MSA and the SW-MSA after it share a
 ratio; Swin-T (depths 2/2/6/2) has 6 knobs. Ratios come from `levels` (0.0..0.8 by default)
@@ -9,19 +9,89 @@ windows. The Swin-T space holds 120,285 configs (SPARSEVIT.md).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from edgevit.errors import ConfigError
+from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.fileio import read_json, write_json
 
 DEFAULT_LEVELS = tuple(round(0.1 * i, 1) for i in range(9))  # 0.0 .. 0.8
 
 
+# ---------------------------------------------------------------------------- window counts
+
+
+def keep_count(num_windows: int, ratio: float) -> int:
+    """Windows kept at sparsity `ratio`: floor(nW * (1 - r)), at least 1 (a stage with no window
+    left would be a zero-size tensor that neither ONNX nor TVM compile)."""
+    return max(1, math.floor(round(num_windows * (1.0 - ratio), 6)))
+
+
 def knobs_per_stage(depths: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return tuple(math.ceil(d / 2) for d in depths)
+
+
+def knob_windows(model) -> list[int]:
+    """Windows per knob (the stage's window count for each pair of blocks)."""
+    counts = []
+    for stage in model.layers:
+        counts.extend(stage.blocks[b].num_windows for b in range(0, len(stage.blocks), 2))
+    return counts
+
+
+def keep_of(windows: list[int], block_ratios: list[list[float]]) -> list[int]:
+    """Windows each knob keeps under per-stage knob ratios, sorted or not (a single-knob probe
+    prunes one knob of a stage and leaves the ones after it dense)."""
+    return [keep_count(n, r) for n, r in zip(windows, [r for stage in block_ratios for r in stage])]
+
+
+def keep_counts(model, config: "SparsityConfig") -> tuple[int, ...]:
+    """Windows each knob keeps under `config` (== the window count: the knob runs dense)."""
+    return tuple(keep_of(knob_windows(model), config.per_stage()))
+
+
+def single_knob_ratios(config_knobs: tuple[int, ...], knob: int, ratio: float) -> list[list[float]]:
+    """Per-stage knob ratios with only `knob` pruned (for profiling one unit at a time)."""
+    ratios = [0.0] * sum(config_knobs)
+    ratios[knob] = ratio
+    return split_per_stage(ratios, config_knobs)
+
+
+def split_per_stage(ratios, stage_knobs: tuple[int, ...]) -> list[list[float]]:
+    """A flat list of knob ratios cut into one list per stage."""
+    out, i = [], 0
+    for n in stage_knobs:
+        out.append(list(ratios[i:i + n]))
+        i += n
+    return out
+
+
+def distinct_units(windows: list[int], levels) -> list[tuple[int, int, float]]:
+    """(knob, k, smallest ratio giving k) for every k < windows the levels can reach."""
+    units = []
+    for knob, n in enumerate(windows):
+        seen = set()
+        for r in levels:
+            k = keep_count(n, r)
+            if r > 0 and k < n and k not in seen:
+                seen.add(k)
+                units.append((knob, k, r))
+    return units
+
+
+def stage_keep_keys(model) -> list[tuple[int, ...]]:
+    """Per stage: windows kept by every block up to and including it (two configs with the same
+    key give the same output of that stage)."""
+    keys, kept = [], ()
+    for stage in model.layers:
+        kept += tuple(keep_count(b.num_windows, r) for b, r in zip(stage.blocks, stage.ratios))
+        keys.append(kept)
+    return keys
+
+
+# ---------------------------------------------------------------------------- configs
 
 
 @dataclass(frozen=True)
@@ -63,11 +133,7 @@ class SparsityConfig:
     # -- views ---------------------------------------------------------------------------
 
     def per_stage(self) -> list[list[float]]:
-        out, i = [], 0
-        for n in self.stage_knobs:
-            out.append(list(self.ratios[i:i + n]))
-            i += n
-        return out
+        return split_per_stage(self.ratios, self.stage_knobs)
 
     def block_ratios(self, depths: tuple[int, ...]) -> list[list[float]]:
         """Per-block ratios: knob j of a stage covers blocks 2j and 2j+1."""
@@ -99,19 +165,14 @@ class SparsityConfig:
         return cls(tuple(d["ratios"]), tuple(d["stage_knobs"]), tuple(d.get("levels", DEFAULT_LEVELS)))
 
     def save(self, path: str | Path) -> None:
-        from edgevit.fileio import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "SparsityConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such sparsity config file")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: malformed JSON ({e})") from None
+            data = read_json(path, "sparsity config", "pass a config JSON, a search result or a uniform ratio like 0.5")
+        except EdgeVitError as e:
+            raise ConfigError(str(e)) from None
         if isinstance(data, dict) and "sparsity" in data:  # a SearchResult or artifact manifest
             data = data["sparsity"]
         return cls.from_dict(data, str(path))

@@ -71,6 +71,12 @@ class Target:
         except Exception as e:  # noqa: BLE001 - TVM raises its own error types
             raise ConfigError(f"target '{self.name}': TVM rejects [tvm] {spec}: {str(e).splitlines()[0][:200]}") from None
 
+    def tvm_target_json(self) -> dict:
+        """The resolved TVM target as JSON (what an artifact's manifest records)."""
+        import json
+
+        return json.loads(str(self.tvm_target()))
+
     def check_cross_compiler(self) -> str | None:
         """The cross compiler command, after checking it is installed (None: host compiler)."""
         if not self.cross_compiler or self.arch == platform.machine():
@@ -108,7 +114,7 @@ def load_target(name_or_path: str) -> Target:
     files = _target_files()
     if name_or_path in files:
         return _load_file(files[name_or_path])
-    for stem, p in files.items():
+    for p in files.values():
         if name_or_path in read_toml(p).get("aliases", []):
             return _load_file(p)
     names = sorted(files)

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +23,7 @@ from torch import nn
 from edgevit.checkpoint import Checkpoint
 from edgevit.data import DataBundle, ImageSet, batches
 from edgevit.errors import ConfigError, EdgeVitError
-
-LAST, FINAL = "last.pt", "model.pt"
+from edgevit.stages import FINAL, LAST, StageRun
 
 
 @dataclass(frozen=True)
@@ -332,3 +331,15 @@ def _teacher_logits(teacher: nn.Module | None, x: torch.Tensor) -> torch.Tensor 
     return teacher(x)
 
 
+def run_stage(run: StageRun) -> dict:
+    """The `train` recipe stage: [model] trained on [data] with [train], weight init seeded."""
+    from edgevit.models import create_model
+
+    recipe, data, cfg = run.recipe, run.data, run.config("train")
+
+    def make() -> Checkpoint:
+        torch.manual_seed(cfg.seed)  # weight init is part of the recipe
+        model = create_model(recipe.model.name, num_classes=data.num_classes, in_chans=data.channels,
+                             **recipe.model.overrides)
+        return train(model, data, cfg, run.dir("train"), resume=True, extra_meta=run.meta("train"))
+    return run.cached("train", make).metrics

@@ -1,4 +1,3 @@
-import torch
 
 from edgevit.adapt import AdaptConfig, accuracy_under_sparsity, adapt
 from edgevit.checkpoint import Checkpoint

@@ -7,13 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
-from edgevit.checkpoint import Checkpoint
-from edgevit.compile import CompileConfig, CompiledArtifact, ValidationError, compile_model
+from edgevit.artifact import CompiledArtifact
+from edgevit.backend.runtime import DeviceError
+from edgevit.cli import cli
+from edgevit.compile import CompileConfig, compile_model
 from edgevit.data import load_data
-from edgevit.errors import EdgeVitError
+from edgevit.errors import EdgeVitError, ValidationError
 from edgevit.models import create_model
-from edgevit.runtime import DeviceError
 from edgevit.sparsity import SparsityConfig
 from edgevit.targets import load_target
 from edgevit.train import TrainConfig, train
@@ -39,12 +41,13 @@ def host_artifact(ckpt, tmp_path_factory):
 
 def test_host_artifact_is_validated_and_hashed(host_artifact):
     m = host_artifact.manifest
-    real = m["validation"]["digits val images"]
+    real = m.validation["digits val images"]
     assert real["max_abs_error"] < 1e-4 and real["top1_agreement"] == 100.0 and real["images"] == 32
-    assert m["validation"]["random"]["max_abs_error"] < 1e-4
-    assert m["input"]["shape"] == [2, 1, 32, 32] and m["sparsity"]["ratios"] == [0.5, 0.0]
-    assert set(m["files"]) == {"model.so", "weights.params", "reference.npz", "validation.npz"}
-    assert m["target"]["tvm"]["kind"] == "llvm" and m["versions"]["tvm"]
+    assert m.validation["random"]["max_abs_error"] < 1e-4
+    assert m.input["shape"] == [2, 1, 32, 32] and m.sparsity["ratios"] == [0.5, 0.0]
+    assert set(m.files) == {"model.so", "weights.params", "reference.npz", "validation.npz"}
+    assert m.target["tvm"]["kind"] == "llvm" and m.versions["tvm"]
+    assert m.tolerance.max_abs_error == 1e-3 and m.tolerance.min_top1_agreement == 99.0
 
 
 def test_verify_locally_matches_reference(host_artifact):
@@ -52,6 +55,22 @@ def test_verify_locally_matches_reference(host_artifact):
 
     result = verify(host_artifact)
     assert result["ok"] and result["max_abs_error"] < 1e-4
+
+
+def test_verify_judges_by_the_tolerance_recorded_at_compile_time(host_artifact, tmp_path):
+    """compile, verify and the bundle's loader share one tolerance: the manifest's."""
+    import shutil
+
+    from edgevit.verify import verify
+
+    strict = tmp_path / "strict"
+    shutil.copytree(host_artifact.path, strict)
+    manifest = json.loads((strict / "manifest.json").read_text())
+    manifest["tolerance"]["max_abs_error"] = 1e-30
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    result = verify(CompiledArtifact.load(strict))
+    assert not result["ok"] and result["tolerance"]["max_abs_error"] == 1e-30
+    assert verify(host_artifact)["tolerance"] == {"max_abs_error": 1e-3, "min_top1_agreement": 99.0}
 
 
 def test_tampered_artifact_is_refused(host_artifact, tmp_path):
@@ -75,7 +94,7 @@ def test_bundle_runs_with_its_own_loader(host_artifact, tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-1000:]
     report = json.loads(done.stdout)
-    assert report["max_abs_error"] < 1e-4 and report["top1_match"]
+    assert report["max_abs_error"] < 1e-4 and report["top1_agreement"] == 100.0 and report["ok"]
 
 
 def test_dense_compile_equals_pytorch_dense(ckpt, tmp_path):
@@ -84,14 +103,14 @@ def test_dense_compile_equals_pytorch_dense(ckpt, tmp_path):
     x, ref = art.reference()
     with torch.no_grad():
         assert np.abs(ckpt.build_model().eval()(torch.from_numpy(x)).numpy() - ref).max() == 0.0
-    assert art.manifest["sparsity"] is None
+    assert art.manifest.sparsity is None
 
 
 def test_rasp4b_cross_compiles_to_aarch64(ckpt, tmp_path):
     art = compile_model(ckpt, load_target("rasp4b"), tmp_path / "arm", None, CompileConfig(), log=lambda _: None)
     header = art.library.read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 0xB7   # EM_AARCH64
-    assert "does not run on this machine" in art.manifest["validation"]["skipped"]
+    assert "does not run on this machine" in art.manifest.validation["skipped"]
     from edgevit.verify import verify
 
     with pytest.raises(DeviceError, match="pass --rpc HOST:PORT"):
@@ -104,8 +123,8 @@ def test_sparse_cuda_sm90_artifact_builds_without_a_gpu(ckpt, tmp_path):
     sparsity = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0])
     art = compile_model(ckpt, load_target("cuda-sm90"), tmp_path / "cuda", sparsity, CompileConfig(),
                         log=lambda _: None)
-    assert art.manifest["target"]["tvm"]["arch"] == "sm_90" and art.library.stat().st_size > 0
-    assert "skipped" in art.manifest["validation"]
+    assert art.manifest.target["tvm"]["arch"] == "sm_90" and art.library.stat().st_size > 0
+    assert "skipped" in art.manifest.validation
 
 
 def test_unreachable_tracker_fails_clearly(host_artifact):
@@ -138,7 +157,7 @@ class Unsupported(torch.nn.Module):
 
 
 def test_unsupported_operator_is_named():
-    from edgevit.compile import to_relax
+    from edgevit.backend.frontend import to_relax
 
     with pytest.raises(EdgeVitError, match="does not support operator.*histc"):
         to_relax(Unsupported(), torch.randn(8))
@@ -150,7 +169,8 @@ def test_patch_convs_become_matmuls_and_keep_their_numerics():
     import tvm
     from tvm import relax
 
-    from edgevit.compile import build, to_relax
+    from edgevit.backend.build import build
+    from edgevit.backend.frontend import to_relax
 
     class TwoConvs(torch.nn.Module):
         def __init__(self):
@@ -177,7 +197,8 @@ def test_builds_print_no_known_harmless_tvm_warnings(ckpt, capfd):
     other line written to stderr during a build still comes through."""
     import os
 
-    from edgevit.compile import build, quiet_tvm_warnings, to_relax
+    from edgevit.backend.build import build, quiet_tvm_warnings
+    from edgevit.backend.frontend import to_relax
 
     model = ckpt.build_model().eval()
     model.set_sparsity(SparsityConfig.for_model(model, [0.5, 0.0]))
@@ -189,3 +210,51 @@ def test_builds_print_no_known_harmless_tvm_warnings(ckpt, capfd):
     err = capfd.readouterr().err
     assert "Fast mode" not in err and "LeafSpec" not in err
     assert "y.cc:2: something else" in err
+
+
+def test_compile_without_tuning_records_uses_the_rules(host_artifact):
+    assert host_artifact.manifest.schedules == {"source": "rules", "database": None}
+
+
+def test_compile_with_an_empty_database_says_to_tune_first(ckpt, tmp_path):
+    ckpt.save(tmp_path / "m.pt")
+    result = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", str(tmp_path / "m.pt"),
+                                      "--database", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "no tuning records" in result.output and not (tmp_path / "out").exists()
+
+
+def test_compile_never_replaces_a_folder_it_did_not_write(ckpt, host_artifact, tmp_path):
+    """-o on a user's folder or file is refused before any work; an earlier artifact is replaced."""
+    import shutil
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(EdgeVitError, match="not a compiled artifact edgevit wrote"):
+        compile_model(ckpt, load_target("host"), mine, None, CompileConfig(images=4), log=lambda _: None)
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    afile = tmp_path / "file"
+    afile.write_text("data")
+    with pytest.raises(EdgeVitError, match="not a folder edgevit wrote"):
+        compile_model(ckpt, load_target("host"), afile, None, CompileConfig(images=4), log=lambda _: None)
+    assert afile.read_text() == "data"
+    old = tmp_path / "old"
+    shutil.copytree(host_artifact.path, old)
+    art = compile_model(ckpt, load_target("host"), old, None, CompileConfig(images=4), log=lambda _: None)
+    assert art.manifest.sparsity is None and sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "old"]
+
+
+def test_package_refuses_to_overwrite_its_artifact_or_a_user_folder(host_artifact, tmp_path):
+    from edgevit.package import package
+
+    with pytest.raises(EdgeVitError, match="would overwrite the artifact"):
+        package(host_artifact, host_artifact.path)
+    CompiledArtifact.load(host_artifact.path)   # still intact
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "x").write_text("1")
+    with pytest.raises(EdgeVitError, match="not a deploy bundle edgevit wrote"):
+        package(host_artifact, mine)
+    package(host_artifact, tmp_path / "bundle")
+    package(host_artifact, tmp_path / "bundle")   # its own bundle is replaced

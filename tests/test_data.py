@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_idx
 from edgevit.data import batches, load_data, parse_spec, read_idx
 from edgevit.errors import DataError
-
-from conftest import write_idx
 
 
 def test_digits_split_is_seeded_disjoint_and_normalised():

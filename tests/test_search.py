@@ -11,10 +11,18 @@ from edgevit.checkpoint import Checkpoint
 from edgevit.cli import cli
 from edgevit.data import load_data
 from edgevit.errors import ConfigError, EdgeVitError
-from edgevit.latency import LatencyTable, keep_counts, knob_windows
+from edgevit.latency import LatencyTable
 from edgevit.models import create_model
-from edgevit.search import InfeasibleBudget, SearchConfig, fastest_reachable, parse_budget, pareto_front, search
-from edgevit.sparsity import SparsityConfig
+from edgevit.search import (
+    InfeasibleBudget,
+    SearchConfig,
+    SearchResult,
+    fastest_reachable,
+    pareto_front,
+    parse_budget,
+    search,
+)
+from edgevit.sparsity import SparsityConfig, distinct_units, keep_counts, knob_windows
 from edgevit.train import TrainConfig, train
 
 
@@ -30,12 +38,10 @@ def ckpt_path(tmp_path_factory):
 
 def synthetic_table(model) -> LatencyTable:
     """Dense 10 ms; each knob saves time in proportion to the windows it skips."""
-    from edgevit.latency import _distinct_units
-
     windows = knob_windows(model)
     weights = [3.0, 1.0, 0.5, 0.2][: len(windows)]
     deltas = [{} for _ in windows]
-    for knob, k, _ratio in _distinct_units(windows, SparsityConfig.for_model(model).levels):
+    for knob, k, _ratio in distinct_units(windows, SparsityConfig.for_model(model).levels):
         deltas[knob][k] = -weights[knob] * (windows[knob] - k) / windows[knob]
     return LatencyTable({"target": "host", "model": model.model_name, "schedules": "rules"}, 10.0, deltas, windows,
                         overhead_ms=0.1)
@@ -80,7 +86,7 @@ def test_fit_recovers_deltas_and_overhead_from_noisy_rows(ckpt_path):
 def test_single_knob_probes_in_a_multi_knob_stage():
     """Swin-T's third stage has three knobs: probing its first knob alone leaves the later ones
     dense, an unsorted config no SparsityConfig accepts but one the profile must time."""
-    from edgevit.latency import keep_of, single_knob_ratios
+    from edgevit.sparsity import keep_of, single_knob_ratios
 
     ratios = single_knob_ratios((1, 1, 3, 1), 2, 0.5)
     assert ratios == [[0.0], [0.0], [0.5, 0.0, 0.0], [0.0]]
@@ -103,19 +109,19 @@ def test_killed_profile_resumes_without_remeasuring(ckpt_path, tmp_path, monkeyp
         return 2.0 - pruned, 2.0
 
     monkeypatch.setattr(Measurer, "versus_dense", fake_versus_dense)
-    ckpt, target, cfg = Checkpoint.load(ckpt_path), load_target("host"), ProfileConfig(calibrate=3)
+    ckpt, target, cfg = Checkpoint.load(ckpt_path), load_target("host"), ProfileConfig(calibrate=3, tuning=False)
     fail = {"now": True}
     partial = tmp_path / "t.json.partial"
     with pytest.raises(KeyboardInterrupt):
-        profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None, checkpoint=partial)
+        profile(ckpt, target, None, cfg, log=lambda _: None, checkpoint=partial)
     assert len(json.loads(partial.read_text())["rows"]) == 4
     fail["now"] = False
     calls.clear()
-    resumed = profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None, checkpoint=partial)
+    resumed = profile(ckpt, target, None, cfg, log=lambda _: None, checkpoint=partial)
     total = len(resumed.measurements)
     assert len(calls) == total - 4 and not partial.exists()
     calls.clear()
-    fresh = profile(ckpt, target, None, cfg, tuning=False, log=lambda _: None)
+    fresh = profile(ckpt, target, None, cfg, log=lambda _: None)
     assert len(calls) == total and fresh == resumed
 
 
@@ -147,16 +153,19 @@ def test_table_predicts_product_of_units_and_round_trips(tmp_path, ckpt_path):
         LatencyTable.load(tmp_path / "bad.json")
 
 
-def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path):
+def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path, tmp_path):
     ckpt = Checkpoint.load(ckpt_path)
     model = ckpt.build_model()
     table = synthetic_table(model)
     budget = 8.0
-    cfg = SearchConfig(budget_ms=budget, population=20, parents=5, evaluations=25, val_images=300, seed=3)
+    cfg = SearchConfig(budget=budget, population=20, parents=5, evaluations=25, val_images=300, seed=3)
     measure = lambda c: table.predict(keep_counts(model, c))  # noqa: E731 - the predictor stands in for a device
     a = search(ckpt, table, cfg, measure, None, log=lambda _: None)
     b = search(ckpt, table, cfg, measure, None, log=lambda _: None)
     assert a.sparsity == b.sparsity and a.val_top1 == b.val_top1
+    a.save(tmp_path / "result.json")
+    assert SearchResult.load(tmp_path / "result.json") == a
+    assert SparsityConfig.load(tmp_path / "result.json") == a.config
     assert a.measured_ms <= budget and a.predicted_ms <= budget
     assert all(p["predicted_ms"] <= budget for p in a.pareto)
     ratios = a.sparsity["ratios"]
@@ -169,16 +178,14 @@ def test_small_population_still_reaches_every_feasible_network(ckpt_path):
     """A population too small for mutation and crossover to keep finding new configs takes
     random feasible newcomers instead of stopping: evolution scores every network under the
     budget, as random sampling would, and its answer is the best of them."""
-    from edgevit.latency import _distinct_units
-
     ckpt = Checkpoint.load(ckpt_path)
     model = ckpt.build_model()
     table = synthetic_table(model)
     budget = 9.0
-    per_knob = [[n] + [k for knob, k, _ in _distinct_units(table.windows, SparsityConfig.for_model(model).levels)
+    per_knob = [[n] + [k for knob, k, _ in distinct_units(table.windows, SparsityConfig.for_model(model).levels)
                        if knob == i] for i, n in enumerate(table.windows)]
     feasible = [(a, b) for a in per_knob[0] for b in per_knob[1] if table.predict((a, b)) <= budget]
-    cfg = SearchConfig(budget_ms=budget, population=4, parents=2, evaluations=500, val_images=300, seed=1)
+    cfg = SearchConfig(budget=budget, population=4, parents=2, evaluations=500, val_images=300, seed=1)
     result = search(ckpt, table, cfg, lambda c: table.predict(keep_counts(model, c)), None, log=lambda _: None)
     assert result.evaluations == len(feasible) > 4
     assert result.val_top1 == max(p["val_top1"] for p in result.pareto)
@@ -188,7 +195,7 @@ def test_search_resumes_from_its_state_file(ckpt_path, tmp_path):
     ckpt = Checkpoint.load(ckpt_path)
     model = ckpt.build_model()
     table = synthetic_table(model)
-    cfg = SearchConfig(budget_ms=8.5, population=12, parents=4, evaluations=15, val_images=200, seed=1)
+    cfg = SearchConfig(budget=8.5, population=12, parents=4, evaluations=15, val_images=200, seed=1)
     measure = lambda c: table.predict(keep_counts(model, c))  # noqa: E731
     state = tmp_path / "state.json"
     first = search(ckpt, table, cfg, measure, state, log=lambda _: None)
@@ -203,7 +210,7 @@ def test_infeasible_budget_names_the_fastest_latency(ckpt_path):
     ckpt = Checkpoint.load(ckpt_path)
     table = synthetic_table(ckpt.build_model())
     with pytest.raises(InfeasibleBudget, match=r"fastest reachable is 7\.07 ms") as e:
-        search(ckpt, table, SearchConfig(budget_ms=2.0), lambda c: 0.0, None, log=lambda _: None)
+        search(ckpt, table, SearchConfig(budget=2.0), lambda c: 0.0, None, log=lambda _: None)
     assert "smaller model" in str(e.value) and e.value.exit_code == 7
     assert fastest_reachable(table) == pytest.approx(10.0 * 1.01 * (1 - 0.3 * 13 / 16) * (1 - 0.1 * 3 / 4))
 
@@ -211,7 +218,7 @@ def test_infeasible_budget_names_the_fastest_latency(ckpt_path):
 def test_over_budget_measurements_are_never_returned(ckpt_path):
     ckpt = Checkpoint.load(ckpt_path)
     table = synthetic_table(ckpt.build_model())
-    cfg = SearchConfig(budget_ms=8.0, population=8, parents=2, evaluations=6, val_images=100, measure_top=2)
+    cfg = SearchConfig(budget=8.0, population=8, parents=2, evaluations=6, val_images=100, measure_top=2)
     with pytest.raises(InfeasibleBudget, match="measured within"):
         search(ckpt, table, cfg, lambda c: 99.0, None, log=lambda _: None)
 
@@ -245,6 +252,7 @@ def test_profile_search_and_compile_end_to_end(ckpt_path, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
     assert result["kind"] == "edgevit.search_result" and result["measured_ms"] <= budget
+    assert SearchResult.load(out).to_dict() == result
     assert not (tmp_path / "result.json.state.json").exists()
     chosen = SparsityConfig.load(out)
     r = runner.invoke(cli, ["compile", "--target", "host", "--checkpoint", str(ckpt_path), "--sparsity", str(out),

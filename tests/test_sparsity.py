@@ -6,9 +6,16 @@ import torch
 
 from edgevit.errors import ConfigError
 from edgevit.models import create_model
-from edgevit.models.swin import keep_count, keep_windows, window_partition, window_scores
-from edgevit.sparsity import (SparsityConfig, enumerate_space, knobs_per_stage, sample_config,
-                              set_sparsity, space_size)
+from edgevit.models.swin import keep_windows, window_partition, window_scores
+from edgevit.sparsity import (
+    SparsityConfig,
+    enumerate_space,
+    keep_count,
+    knobs_per_stage,
+    sample_config,
+    set_sparsity,
+    space_size,
+)
 
 
 def micro(**kw):

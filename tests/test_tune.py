@@ -32,9 +32,9 @@ def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
     sparsity = None   # dense: its slowest kernels are matmuls, which MetaSchedule's CPU space covers
     target = load_target("host")
     db = tmp_path / "db"
-    cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.05)
+    cfg = TuneConfig(trials_per_kernel=2, trials_per_round=2, cover=0.05, database=str(db))
     logs: list[str] = []
-    report = tune_model(ckpt, target, sparsity, cfg, db, log=logs.append)
+    report = tune_model(ckpt, target, sparsity, cfg, log=logs.append)
     tuned = [k for k in report.kernels if k.trials > 1]
     assert tuned and any("searching" in line for line in logs), "\n".join(logs)
     assert all(k.default_ms is not None for k in report.kernels)
@@ -43,20 +43,14 @@ def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
     assert report.estimate_ms("best_ms") <= report.estimate_ms("default_ms") * 1.0001
 
     again: list[str] = []
-    second = tune_model(ckpt, target, sparsity, cfg, db, log=again.append)
+    second = tune_model(ckpt, target, sparsity, cfg, log=again.append)
     assert not any("searching" in line for line in again), again
     assert [k.trials for k in second.kernels] == [k.trials for k in report.kernels]
 
     art = compile_model(ckpt, target, tmp_path / "art", sparsity, CompileConfig(database=str(db), images=8),
                         log=lambda _: None)
-    assert art.manifest["schedules"]["source"].startswith("tuned:")
-    assert art.manifest["validation"]["random"]["max_abs_error"] < 1e-4
-
-
-def test_compile_without_tuning_records_uses_the_rules(ckpt_path, tmp_path):
-    art = compile_model(Checkpoint.load(ckpt_path), load_target("host"), tmp_path / "art", None,
-                        CompileConfig(images=4), log=lambda _: None)
-    assert art.manifest["schedules"] == {"source": "rules", "database": None}
+    assert art.manifest.schedules["source"].startswith("tuned:")
+    assert art.manifest.validation["random"]["max_abs_error"] < 1e-4
 
 
 @pytest.mark.parametrize("args, message", [
@@ -71,8 +65,9 @@ def test_tune_rejects_bad_requests_in_one_line(ckpt_path, args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_compile_with_an_empty_database_says_to_tune_first(ckpt_path, tmp_path):
-    result = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", str(ckpt_path),
-                                      "--database", str(tmp_path / "nothing"), "-o", str(tmp_path / "out")])
-    assert result.exit_code != 0
-    assert "no tuning records" in result.output and not (tmp_path / "out").exists()
+def test_select_kernels_covers_the_costliest_share():
+    from edgevit.tune import select_kernels
+
+    assert select_kernels([1.0, 5.0, 3.0, 1.0], 0.75) == [1, 2]
+    assert select_kernels([1.0, 5.0, 3.0, 1.0], 1.0) == [1, 2, 0, 3]
+    assert select_kernels([0.0, 0.0], 0.9) == []

@@ -15,15 +15,15 @@ Parameter names follow timm's SwinTransformer (layers.i.downsample at the start 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevit.models import register_model
 from edgevit.models.layers import DropPath, Mlp, drop_path_rates, init_weights
+from edgevit.models.registry import register_model
+from edgevit.sparsity import keep_count, set_sparsity
 
 MASK_VALUE = -100.0  # Swin's shifted-window mask value
 
@@ -93,11 +93,6 @@ def shifted_window_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
     ids = window_partition(region, ws).squeeze(-1).squeeze(0)       # (nW, N)
     diff = ids[:, None, :] - ids[:, :, None]                         # (nW, N, N)
     return torch.where(diff != 0, MASK_VALUE, 0.0)
-
-
-def keep_count(num_windows: int, ratio: float) -> int:
-    """Windows kept at sparsity `ratio`: floor(nW * (1 - r)), at least 1 (see module doc)."""
-    return max(1, math.floor(round(num_windows * (1.0 - ratio), 6)))
 
 
 def window_scores(x: torch.Tensor, ws: int, shift: int = 0) -> torch.Tensor:
@@ -306,8 +301,6 @@ class SwinTransformer(nn.Module):
 
     def set_sparsity(self, config) -> None:
         """Apply a SparsityConfig (None: dense)."""
-        from edgevit.sparsity import set_sparsity
-
         set_sparsity(self, config)
 
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgevit.models import register_model
 from edgevit.models.layers import DropPath, Mlp, drop_path_rates, init_weights
+from edgevit.models.registry import register_model
 
 
 @dataclass(frozen=True)

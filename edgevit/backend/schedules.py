@@ -41,7 +41,7 @@ def schedule_passes(target) -> list:
     if target.kind.name == "cuda":
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
         return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in rules], dl.gpu.Fallback())]
-    from edgevit.cpu_rules import cpu_rules
+    from edgevit.backend.cpu_rules import cpu_rules
 
     return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in cpu_rules()])]
 

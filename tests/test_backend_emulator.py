@@ -4,7 +4,7 @@ Needs `edgevit emulator setup` (make test runs it); emulated timings are never r
 
 import pytest
 
-from edgevit.emulator import Emulator, start, status, stop
+from edgevit.backend.emulator import Emulator, start, status, stop
 
 EMU = Emulator.default(tracker_port=9291, server_port=9391)
 pytestmark = [pytest.mark.slow, pytest.mark.tvm,
@@ -41,7 +41,7 @@ def test_rasp4b_artifact_runs_on_the_emulated_board(board, tmp_path):
 
 
 def test_unknown_key_is_reported(board, tmp_path):
-    from edgevit.runtime import Device, DeviceError, connect
+    from edgevit.backend.runtime import Device, DeviceError, connect
 
     with pytest.raises(DeviceError, match="no device with key 'jetson' .* registered keys: rasp4b"):
         connect(Device(rpc=board.tracker, key="jetson", timeout=10))

@@ -7,9 +7,8 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import te  # noqa: E402
 
-from edgevit.cpu_rules import PARALLEL_MIN_MACS, Injective, Matmul, cpu_rules, fp32_lanes  # noqa: E402
+from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, Injective, Matmul, cpu_rules, fp32_lanes  # noqa: E402
 from edgevit.targets import load_target  # noqa: E402
-from edgevit.tune import select_kernels  # noqa: E402
 
 pytestmark = pytest.mark.tvm
 
@@ -80,9 +79,3 @@ def test_rules_are_tried_in_order_and_all_decline_non_llvm():
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     func = matmul_bias_gelu(1, 8, 8, 8)
     assert all(rule.apply(func, cuda, False) is None for rule in cpu_rules())
-
-
-def test_select_kernels_covers_the_costliest_share():
-    assert select_kernels([1.0, 5.0, 3.0, 1.0], 0.75) == [1, 2]
-    assert select_kernels([1.0, 5.0, 3.0, 1.0], 1.0) == [1, 2, 0, 3]
-    assert select_kernels([0.0, 0.0], 0.9) == []

@@ -1,0 +1,89 @@
+"""Frontends: a PyTorch model to a Relax module (torch.export), with the graph rewrites edgevit
+applies before any target's pipeline: patch-embedding convs as matmuls, weight-only
+computations done once at compile time."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from edgevit.backend.build import quiet_tvm_warnings
+from edgevit.errors import EdgeVitError
+
+
+def to_relax(model: torch.nn.Module, example: torch.Tensor):
+    """torch.export -> Relax IRModule with weights as inputs; returns (mod, weights)."""
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+        exported = torch.export.export(model, (example,))
+        try:
+            mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+        except AssertionError as e:
+            ops = re.findall(r"'([\w.:]+)'", str(e))
+            raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
+                               "used by this model; rewrite them with supported ops") from None
+    mod, params = relax.frontend.detach_params(mod)
+    mod = patch_convs_as_matmuls(mod)
+    return precompute_weight_transforms(mod, [p.numpy() for p in params.get("main", [])])
+
+
+def patch_convs_as_matmuls(mod):
+    """Rewrite patch-embedding convs (stride == kernel, no padding, no groups) as the matmul
+    they are: non-overlapping patches flattened to rows times the weight flattened to columns.
+    Scheduled as a conv, ViT-Ti's 16x16/16 patch embedding was 37% of its latency; as a matmul
+    it gets the matmul rule (and its weight reshape is precomputed with the other transforms)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    x_pat, w_pat = wildcard(), wildcard()
+    pattern = is_op("relax.nn.conv2d")(x_pat, w_pat)
+
+    def rewrite(call, matches):
+        attrs = call.attrs
+        x, w = matches[x_pat], matches[w_pat]
+        xs, ws = [int(d) for d in x.ty.shape], [int(d) for d in w.ty.shape]
+        n, c, h, wd = xs                                        # NCHW
+        o, _, kh, kw = ws                                       # OIHW
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW") \
+                or [int(v) for v in attrs.strides] != [kh, kw] or any(int(v) for v in attrs.padding) \
+                or any(int(v) != 1 for v in attrs.dilation) or int(attrs.groups) != 1 or h % kh or wd % kw:
+            return call
+        gh, gw = h // kh, wd // kw
+        op = relax.op
+        patches = op.reshape(x, [n, c, gh, kh, gw, kw])                 # [N, C, gh, kh, gw, kw]
+        patches = op.permute_dims(patches, [0, 2, 4, 1, 3, 5])          # [N, gh, gw, C, kh, kw]
+        patches = op.reshape(patches, [n * gh * gw, c * kh * kw])       # [N*gh*gw, C*kh*kw]
+        weight = op.permute_dims(op.reshape(w, [o, c * kh * kw]), [1, 0])  # [C*kh*kw, O]
+        out = op.matmul(patches, weight, out_dtype=str(call.ty.dtype))  # [N*gh*gw, O]
+        return op.permute_dims(op.reshape(out, [n, gh, gw, o]), [0, 3, 1, 2])  # [N, O, gh, gw]
+
+    for gv, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            mod[gv] = rewrite_call(pattern, rewrite, func)
+    return mod
+
+
+def precompute_weight_transforms(mod, weights: list[np.ndarray]):
+    """Run weight-only computations (the transposes nn.Linear's weights get before every matmul)
+    once, at compile time: `main` then takes the transformed weights, the deployed library never
+    computes them, and the matmul reads its weights with the output columns contiguous."""
+    import tvm
+    from tvm import relax
+
+    lifted = relax.transform.LiftTransformParams()(mod)
+    transform = "main_transform_params"
+    if transform not in [gv.name_hint for gv in lifted.functions]:
+        return mod, weights
+    prepare = tvm.IRModule({"main": lifted[transform].with_attr("global_symbol", "main")})
+    with quiet_tvm_warnings():
+        vm = relax.VirtualMachine(tvm.compile(prepare, target="llvm"), tvm.cpu())
+    transformed = vm["main"]([tvm.runtime.tensor(w) for w in weights])
+    main_only = tvm.IRModule({"main": lifted["main"]})
+    return main_only, [t.numpy() for t in transformed]

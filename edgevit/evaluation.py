@@ -1,0 +1,47 @@
+"""The `eval` recipe stage: top-1 of the trained (and adapted) model at uniform sparsity ratios."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgevit.stages import StageRun
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Which uniform sparsity ratios the eval stage reports (swin family; [0.0] = dense only)."""
+
+    ratios: tuple[float, ...] = (0.0,)
+    split: str = "test"
+
+    def __post_init__(self):
+        if self.split not in ("val", "test"):
+            raise ValueError(f"split '{self.split}' must be 'val' or 'test'")
+        for r in self.ratios:
+            if not 0.0 <= r < 1.0:
+                raise ValueError(f"ratio {r} must be in [0, 1)")
+
+
+def run_stage(run: StageRun) -> dict:
+    """Top-1 of each trained model at each uniform sparsity ratio of [eval]."""
+    from edgevit.sparsity import SparsityConfig
+    from edgevit.train import evaluate
+
+    cfg = run.config("eval")
+    out = {}
+    for stage in ("train", "adapt"):
+        if stage == "adapt" and "adapt" not in run.recipe.stages:
+            continue
+        ckpt = run.require(stage)
+        model = ckpt.build_model().eval()
+        row = {}
+        for r in cfg.ratios:
+            if r > 0:
+                model.set_sparsity(SparsityConfig.uniform(model, r))
+            row[f"{r:.1f}"] = evaluate(model, run.data.split(cfg.split), ckpt.data["mean"], ckpt.data["std"])["top1"]
+        name = "dense" if stage == "train" else "adapted"
+        out[name] = row
+        cells = "  ".join(f"{k}: {v:.2f}%" for k, v in row.items())
+        log_path = run.dir(stage) / "model.pt"
+        run.log(f"eval ({cfg.split} top-1, {name} model {log_path}): {cells}")
+    return out

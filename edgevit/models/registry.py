@@ -1,0 +1,50 @@
+"""The model registry: families register themselves with `register_model` (timm style).
+
+Each registered name is a family class plus its default config; overrides replace config
+fields (e.g. img_size, num_classes), and unknown fields are errors naming the closest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from edgevit.config import closest_key_hint
+from edgevit.errors import ConfigError
+
+_REGISTRY: dict[str, Callable[[], tuple[type, Any]]] = {}
+
+
+def register_model(fn: Callable[[], tuple[type, Any]]) -> Callable[[], tuple[type, Any]]:
+    """Register a function returning (model class, default config) under its own name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def resolve_model(name: str, **overrides: Any) -> tuple[type, Any]:
+    """The (class, config) `create_model(name, **overrides)` would build, validated."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model '{name}'; {closest_key_hint(name, list(_REGISTRY))} "
+                          f"(see `edgevit models`)")
+    cls, cfg = _REGISTRY[name]()
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"model '{name}' has no setting '{key}'; {closest_key_hint(key, list(fields))}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    try:
+        return cls, dataclasses.replace(cfg, **overrides)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model '{name}': {e}") from None
+
+
+def create_model(name: str, **overrides: Any):
+    cls, cfg = resolve_model(name, **overrides)
+    model = cls(cfg)
+    model.model_name = name
+    return model
+
