@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import pickle
 import platform
+import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -78,8 +79,18 @@ class Checkpoint:
         """Load an edgevit checkpoint, or a plain state dict when `model_name` is given."""
         payload = read_torch_file(path)
         if isinstance(payload, dict) and payload.get("format") == FORMAT:
-            return cls._from_payload(path, payload)
+            return cls._from_payload(path, payload).with_model_settings(**overrides)
         return cls._from_plain(path, payload, model_name, overrides)
+
+    def with_model_settings(self, **overrides: Any) -> "Checkpoint":
+        """The same weights under changed model settings (e.g. img_size=448 for a Swin), validated;
+        weights that no longer fit are reported when the model is built."""
+        if not overrides:
+            return self
+        from edgevit.models import resolve_model
+
+        _, cfg = resolve_model(self.model_name, **{**self.model_config, **overrides})
+        return replace(self, model_config=asdict(cfg))
 
     @classmethod
     def _from_payload(cls, path: str | Path, payload: dict) -> "Checkpoint":
@@ -110,15 +121,106 @@ class Checkpoint:
 
 
 def read_torch_file(path: str | Path) -> Any:
+    """The contents of a PyTorch file, loaded with weights_only=True (tensors and plain values
+    only: nothing in the file is ever run). Anything else is a CheckpointError saying what the
+    file is: a folder, text, another framework's format, a truncated file, or a pickle that
+    would run code when unpickled (named, and never unpickled)."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; pass the .pt file inside it")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; check the path (train one with `edgevit train`)")
+    what = sniff_file(path)
+    if what is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({what}); pass a .pt file saved with torch.save")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # torch warns about pickle protocols before refusing
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        code = code_in_pickle(path)
+        if code:
+            raise CheckpointError(f"{path}: refused: unpickling this file would run code ({code}); it was not "
+                                  "loaded. Save plain tensors (a state dict) with torch.save instead") from None
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain values, which edgevit does not "
+                              "unpickle; save a plain state dict with torch.save") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError, IndexError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({reason[:160]}); "
                               "re-create it or use another file") from None
+
+
+def sniff_file(path: Path) -> str | None:
+    """What a file plainly is when it cannot be a torch.save file (None: it may be one)."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy .npy array"
+    if head.startswith(b"\x89HDF"):
+        return "an HDF5 file (e.g. Keras)"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return None   # a truncated torch archive: torch.load says so
+        if not any(n.endswith("data.pkl") for n in names):
+            return "a zip archive without a PyTorch checkpoint inside (e.g. .npz)"
+        return None
+    if head[:1] == b"\x80":
+        return None       # a pickle (torch's legacy format)
+    if b"\x00" not in head and _mostly_text(head):
+        return "a text file"
+    if path.suffix.lower() == ".onnx" or (b"onnx" in head.lower() and head[:1] == b"\x08"):
+        return "an ONNX model"
+    if path.suffix.lower() == ".safetensors" or head[8:9] == b"{":
+        return "a safetensors file or another binary format"
+    return "an unknown binary format"
+
+
+def _mostly_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return sum(c.isprintable() or c in "\n\r\t" for c in text) >= 0.95 * len(text)
+
+
+# modules whose globals torch's weights-only unpickler may itself admit (tensors, containers)
+SAFE_PICKLE_MODULES = ("torch", "collections", "numpy.core.multiarray", "numpy", "_codecs", "builtins")
+
+
+def code_in_pickle(path: Path) -> str | None:
+    """The first callable a pickle in `path` would import and call (e.g. 'posix.system'), read
+    with pickletools (the file is parsed, never unpickled); None if none is found."""
+    import pickletools
+
+    data = _pickle_bytes(path)
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            name = None
+            if op.name in ("GLOBAL", "INST"):
+                name = arg.replace(" ", ".")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                name = f"{strings[-2]}.{strings[-1]}"
+            if name and not name.startswith(SAFE_PICKLE_MODULES):
+                return name
+    except Exception:  # noqa: BLE001 - a damaged pickle: what was read so far is all there is
+        return None
+    return None
+
+
+def _pickle_bytes(path: Path) -> bytes:
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            return z.read(name) if name else b""
+    return path.read_bytes()
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

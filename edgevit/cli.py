@@ -28,12 +28,13 @@ def _write_json(path: str | None, data: Any) -> None:
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     """--set key=value model overrides; values parsed as TOML scalars/arrays (e.g. depths=[2,2])."""
     from edgevit.config import tomllib
+    from edgevit.errors import ConfigError
 
     out = {}
     for item in values:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise EdgeVitError(f"--set {item!r}: expected key=value, e.g. --set img_size=32")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set img_size=32")
         try:
             out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
@@ -64,11 +65,24 @@ INTERRUPTED = {
 
 
 class EdgeVitGroup(click.Group):
-    """Maps EdgeVitError to CliError, so no user error ever prints a traceback."""
+    """Maps EdgeVitError to CliError, so no user error ever prints a traceback; click's usage
+    errors (a missing option, a value of the wrong type or range) become one line too (exit 2)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise _usage_error(e) from None
         except EdgeVitError as e:
             raise CliError(str(e), e.exit_code) from None
         except KeyboardInterrupt:
@@ -76,12 +90,43 @@ class EdgeVitGroup(click.Group):
             raise CliError(f"interrupted; {fix}", 130) from None
 
 
+def _usage_error(e: click.UsageError) -> CliError:
+    where = e.ctx.command_path if e.ctx is not None else "edgevit"
+    return CliError(f"{e.format_message().rstrip('.')}; see `{where} --help`", 2)
+
+
+class OutputFile(click.Path):
+    """An output file option, checked before any work: never a folder, never a file edgevit did
+    not write (for JSON figures: a file that is not JSON; for an artifact: one of another kind)."""
+
+    def __init__(self, kind: str | None = None):
+        super().__init__(dir_okay=False)
+        self.kind = kind
+
+    def convert(self, value, param, ctx):
+        from edgevit.fileio import check_output_file
+
+        if value is None:
+            return None
+        option = param.opts[-1] if param is not None and param.opts else "-o"
+        return str(check_output_file(value, self.kind, option))
+
+
+JSON_OUT = OutputFile()
+
+
+def _count(minimum: int = 1):
+    return click.IntRange(min=minimum)
+
+
 def _config(cls, command: str, **given):
     """A stage's config dataclass from the options given (None: the default), one-line errors."""
+    from edgevit.errors import ConfigError
+
     try:
         return cls(**{k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        raise EdgeVitError(f"{command}: {e}") from None
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{command}: {e}") from None
 
 
 @click.group(cls=EdgeVitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,9 +148,9 @@ def models_cmd() -> None:
 
 @cli.command("data")
 @click.argument("spec")
-@click.option("--img-size", type=int, default=32, show_default=True, help="Resize images to this size.")
+@click.option("--img-size", type=_count(), default=32, show_default=True, help="Resize images to this size.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def data_cmd(spec: str, img_size: int, seed: int, json_path) -> None:
     """Check a data SPEC (digits, fashion-mnist[:DIR], idx:DIR, cifar10:DIR, imagefolder:DIR)."""
     from edgevit.data import load_data
@@ -124,15 +169,15 @@ def data_cmd(spec: str, img_size: int, seed: int, json_path) -> None:
 @click.option("--model", "model_name", default="swin_quickstart", show_default=True,
               help="Registered model (see `edgevit models`).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model setting.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
+@click.option("--epochs", type=_count(), default=None)
+@click.option("--batch-size", type=_count(), default=None)
 @click.option("--lr", type=float, default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--teacher", type=click.Path(), default=None, help="DeiT distillation teacher checkpoint.")
 @click.option("--no-augment", is_flag=True, help="Train without random shifts, scaling and flips.")
 @click.option("--out", "out_dir", type=click.Path(), default="runs/train", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, no_augment, out_dir, resume,
               json_path) -> None:
     """Train a model; writes OUT/last.pt every epoch and OUT/model.pt at the end."""
@@ -162,15 +207,17 @@ def train_cmd(spec, model_name, sets, epochs, batch_size, lr, seed, teacher, no_
 @click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--sparsity", default=None, help="A sparsity config JSON file, or one uniform ratio such as 0.5.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def eval_cmd(ckpt_path, spec, split, model_name, sparsity, json_path) -> None:
     """Print top-1 accuracy of a checkpoint on a split (optionally under a sparsity config)."""
     from edgevit.checkpoint import Checkpoint
+    from edgevit.data import check_model_fits
     from edgevit.train import evaluate
 
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     model = ckpt.build_model().eval()
     data = _checkpoint_data(ckpt, spec, ckpt_path)
+    check_model_fits(model.cfg, data)
     config = _sparsity_from(model, sparsity)
     if config is not None:
         model.set_sparsity(config)
@@ -186,12 +233,12 @@ def eval_cmd(ckpt_path, spec, split, model_name, sparsity, json_path) -> None:
 @cli.command("adapt")
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Dense swin checkpoint.")
 @click.option("--data", "spec", default=None, help="Data spec; defaults to the checkpoint's own.")
-@click.option("--epochs", type=int, default=None, help="Default 3.")
+@click.option("--epochs", type=_count(), default=None, help="Default 3.")
 @click.option("--lr", type=float, default=None, help="Default: 10x below the checkpoint's training lr.")
-@click.option("--batch-size", type=int, default=None)
+@click.option("--batch-size", type=_count(), default=None)
 @click.option("--out", "out_dir", type=click.Path(), default="runs/adapt", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_path) -> None:
     """Sparsity-aware adaptation: fine-tune under a new random sparsity config every step."""
     from edgevit.adapt import AdaptConfig, adapt
@@ -213,8 +260,8 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a model setting.")
 @click.option("--sparsity", "sparsity", default=None,
               help="A sparsity config JSON file, or one uniform ratio such as 0.5.")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--batch", type=_count(), default=1, show_default=True)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def flops_cmd(ckpt_path, model_name, sets, sparsity, batch, json_path) -> None:
     """FLOPs of a model under a sparsity config, against the dense model."""
     from edgevit.flops import count_flops
@@ -272,7 +319,7 @@ def _checkpoint_data(ckpt, spec: str | None, ckpt_path):
 
 
 @cli.command("targets")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def targets_cmd(json_path) -> None:
     """List the deployment targets (targets/*.toml) and their aliases."""
     from edgevit.targets import list_targets
@@ -290,12 +337,12 @@ def targets_cmd(json_path) -> None:
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint to compile.")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
-@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--batch", type=_count(), default=1, show_default=True)
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Artifact folder to write.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, database, no_tuning, out_dir,
                 json_path) -> None:
     """Compile a checkpoint with TVM for a target into a validated artifact folder."""
@@ -322,12 +369,12 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint whose kernels to tune.")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
-@click.option("--batch", type=int, default=1, show_default=True)
-@click.option("--trials", type=int, default=64, show_default=True, help="Candidates measured per kernel.")
+@click.option("--batch", type=_count(), default=1, show_default=True)
+@click.option("--trials", type=_count(), default=64, show_default=True, help="Candidates measured per kernel.")
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: tune here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, database, rpc, key, json_path) -> None:
     """MetaSchedule-tune a model's kernels into the database `compile` uses (resumable)."""
     from edgevit.checkpoint import Checkpoint
@@ -349,15 +396,16 @@ def tune_cmd(target_name, ckpt_path, model_name, sparsity, batch, trials, databa
 @click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Swin-family checkpoint.")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
-@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--batch", type=_count(), default=1, show_default=True)
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
-@click.option("--validate", "validate_n", type=int, default=0, help="Also measure N random configs end to end.")
-@click.option("--calibrate", type=int, default=12, show_default=True,
+@click.option("--validate", "validate_n", type=_count(0), default=0, help="Also measure N random configs end to end.")
+@click.option("--calibrate", type=_count(0), default=12, show_default=True,
               help="Random full configs measured besides the single units (all fitted by least squares).")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
-@click.option("-o", "--out", "out_path", default=None, type=click.Path(), help="Table path; default under runs/latency/.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("-o", "--out", "out_path", default=None, type=OutputFile("edgevit.latency_table"),
+              help="Table path; default under runs/latency/.")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n, calibrate, no_tuning, out_path,
                 json_path) -> None:
     """Measure a latency table on the target (each knob at each sparsity level, compiled as deployed)."""
@@ -380,18 +428,19 @@ def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n,
 @click.option("--budget", required=True, help="Latency budget on the target: 20ms, 500us.")
 @click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
 @click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Sparsity-adapted checkpoint.")
-@click.option("--table", "table_path", default=None, type=click.Path(),
+@click.option("--table", "table_path", default=None, type=OutputFile("edgevit.latency_table"),
               help="Latency table; default: the target's, profiled now if missing.")
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
-@click.option("--evaluations", type=int, default=500, show_default=True, help="Distinct accuracy evaluations.")
-@click.option("--population", type=int, default=100, show_default=True)
-@click.option("--val-images", type=int, default=2000, show_default=True, help="Validation images scoring each config.")
+@click.option("--evaluations", type=_count(), default=500, show_default=True, help="Distinct accuracy evaluations.")
+@click.option("--population", type=click.IntRange(min=4), default=100, show_default=True)
+@click.option("--val-images", type=_count(0), default=2000, show_default=True, help="Validation images scoring each config.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--finetune", "finetune_epochs", type=int, default=0, help="Fine-tune the chosen config for N epochs.")
+@click.option("--finetune", "finetune_epochs", type=_count(0), default=0, help="Fine-tune the chosen config for N epochs.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
-@click.option("-o", "--out", "out_path", required=True, type=click.Path(), help="SearchResult JSON to write.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("-o", "--out", "out_path", required=True, type=OutputFile("edgevit.search_result"),
+              help="SearchResult JSON to write.")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations, population, val_images, seed,
                finetune_epochs, no_tuning, out_path, json_path) -> None:
     """Find the most accurate per-knob sparsity config whose latency on the target fits the budget."""
@@ -421,8 +470,8 @@ def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations
 @click.argument("artifact_dir", type=click.Path())
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker; default: run here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds to wait for the device.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True, help="Seconds to wait for the device.")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
     """Run an artifact on its device and check it against the PyTorch reference it carries."""
     from edgevit.artifact import CompiledArtifact
@@ -440,7 +489,7 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
 @cli.command("package")
 @click.argument("artifact_dir", type=click.Path())
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Bundle folder to write.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def package_cmd(artifact_dir, out_dir, json_path) -> None:
     """Make a deploy bundle: library, weights, manifest and a loader needing only the TVM runtime."""
     from edgevit.artifact import CompiledArtifact
@@ -474,7 +523,7 @@ def emulator_start() -> None:
 
 
 @emulator_grp.command("status")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def emulator_status(json_path) -> None:
     """Show whether the tracker and server run and which keys are free."""
     from edgevit.backend.emulator import Emulator, status
@@ -504,7 +553,7 @@ def stages_cmd() -> None:
 @cli.command("run")
 @click.argument("recipe", type=click.Path())
 @click.option("--force", is_flag=True, help="Redo stages even when their outputs are up to date.")
-@click.option("--json", "json_path", type=click.Path(), default=None, help=JSON_HELP)
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def run_cmd(recipe, force, json_path) -> None:
     """Run the stages a RECIPE (recipes/*.toml) lists."""
     from edgevit.pipeline import run_recipe

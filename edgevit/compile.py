@@ -27,7 +27,7 @@ from edgevit.artifact import (
     is_compiled_artifact,
 )
 from edgevit.checkpoint import Checkpoint, library_versions
-from edgevit.errors import DataError
+from edgevit.errors import ConfigError, DataError
 from edgevit.fileio import file_sha256, publish_dir
 from edgevit.sparsity import SparsityConfig
 from edgevit.targets import Target
@@ -62,21 +62,25 @@ class CompileConfig:
 # ---------------------------------------------------------------------------- steps
 
 
-def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int) -> tuple[np.ndarray, str]:
-    """Real normalised images from the checkpoint's validation split, or seeded noise."""
+def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int, log: Log = print
+                      ) -> tuple[np.ndarray, str]:
+    """Real normalised images from the checkpoint's validation split, or seeded noise (said so)."""
     from edgevit.data import batches, load_data
 
     batch = shape[0]
     count = max(batch, (images // batch) * batch)
     spec = ckpt.data.get("spec")
+    why = "the checkpoint names no data set"
     if spec:
         try:
             data = load_data(spec, shape[-1], ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
             x, _ = next(batches(data.val, ckpt.data.get("mean", data.mean), ckpt.data.get("std", data.std), count))
             if len(x) >= batch:
                 return x[: (len(x) // batch) * batch].numpy(), f"{spec} val images"
-        except DataError:
-            pass
+            why = f"{spec} has fewer validation images than one batch of {batch}"
+        except (DataError, ConfigError) as e:
+            why = f"its data set could not be loaded: {e}"
+    log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
     rng = np.random.default_rng(0)
     return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
 
@@ -133,7 +137,7 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         export_library(executable, target, tmp / LIBRARY)
         compile_seconds = time.perf_counter() - start
         save_weights(weights, tmp / WEIGHTS)
-        inputs, source = validation_inputs(ckpt, shape, cfg.images)
+        inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
         reference = save_references(model, inputs, cfg.batch, tmp)
         validation = _validate(tmp, target, model, inputs, source, cfg, log)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edgevit.errors import DataError
+from edgevit.errors import ConfigError, DataError
 
 FASHION_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -96,6 +96,10 @@ def load_data(spec: str, image_size: int, seed: int = 0, val_fraction: float = 0
     Sources with an official test set keep it; val is carved from train. Single-pool sources
     (digits, a flat image folder) are split 70/10/20.
     """
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise ConfigError(f"image size {image_size!r} must be a positive integer (pixels)")
+    if not 0 < val_fraction < 0.5:
+        raise ConfigError(f"val_fraction {val_fraction} must be in (0, 0.5)")
     kind, path = parse_spec(spec)
     train, test, pooled = SOURCES[kind](path)
     gen = np.random.default_rng(seed)
@@ -111,7 +115,29 @@ def load_data(spec: str, image_size: int, seed: int = 0, val_fraction: float = 0
     scaled = train.images.float().div(255)
     mean = scaled.mean(dim=(0, 2, 3)).tolist()
     std = scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
-    return DataBundle(spec, train, val, test, mean, std)
+    return check_splits(DataBundle(spec, train, val, test, mean, std))
+
+
+def check_splits(bundle: DataBundle) -> DataBundle:
+    """A data set a model can learn and be measured on: two classes or more, no empty split."""
+    if bundle.num_classes < 2 or len(torch.unique(bundle.train.labels)) < 2:
+        raise DataError(f"{bundle.spec}: fewer than two classes ({bundle.num_classes} named, "
+                        f"{len(torch.unique(bundle.train.labels))} in the train split); a classifier needs two or more")
+    for name in SPLITS:
+        if len(bundle.split(name)) == 0:
+            raise DataError(f"{bundle.spec}: the {name} split is empty ({len(bundle.train)} train / {len(bundle.val)} "
+                            f"val / {len(bundle.test)} test images); add images or use a larger data set")
+    return bundle
+
+
+def check_model_fits(cfg, data: DataBundle) -> None:
+    """A model whose input channels or classes differ from the data set's, named before any work."""
+    if cfg.in_chans != data.channels:
+        raise DataError(f"{data.spec} has {data.channels}-channel images and the model takes {cfg.in_chans}; "
+                        f"use a model with in_chans={data.channels} (--set in_chans={data.channels}) or other data")
+    if cfg.num_classes != data.num_classes:
+        raise DataError(f"{data.spec} has {data.num_classes} classes and the model predicts {cfg.num_classes}; "
+                        f"use a model with num_classes={data.num_classes} or the data set it was trained on")
 
 
 def _subset(s: ImageSet, idx: np.ndarray) -> ImageSet:

@@ -7,6 +7,12 @@ class EdgeVitError(Exception):
     exit_code = 1
 
 
+class OutputError(EdgeVitError):
+    """An output path edgevit will not write: a user's own file or folder there, or no write access."""
+
+    exit_code = 1
+
+
 class ConfigError(EdgeVitError):
     """A recipe, target or sparsity config that does not validate."""
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from edgevit.errors import EdgeVitError
+from edgevit.errors import EdgeVitError, OutputError
 
 
 @contextmanager
@@ -24,11 +24,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     _make_parent(path)
     if path.is_dir():
-        raise EdgeVitError(f"{path} is a folder; pass a file path to write to")
+        raise OutputError(f"{path} is a folder; pass a file path to write to")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise EdgeVitError(f"{path}: cannot write there ({e.strerror}); pass a writable path") from None
+        raise OutputError(f"{path}: cannot write there ({e.strerror}); pass a writable path") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
@@ -95,6 +95,43 @@ def read_artifact(path: str | os.PathLike, kind: str, fix: str, versions: tuple[
     return data
 
 
+# ---------------------------------------------------------------------------- output paths
+
+
+def check_output_file(path: str | os.PathLike, kind: str | None = None, option: str = "-o") -> Path:
+    """Refuse, before any work, an output file path edgevit must not write: a folder, a place it
+    cannot create or write, or an existing file it did not write (for a `kind` of artifact: a
+    file of another kind; for plain JSON figures: a file that is not JSON)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; pass a file path")
+    writable_parent(path, option)
+    if path.exists() and not _rewritable(path, kind):
+        what = f"a {kind.removeprefix('edgevit.').replace('_', ' ')}" if kind else "a JSON file"
+        raise OutputError(f"{option} {path} exists and is not {what} edgevit wrote; edgevit does not replace "
+                          "files it did not write: pass another path")
+    return path
+
+
+def writable_parent(path: Path, option: str) -> None:
+    """The folder `path` goes in exists (or can be made) and is writable."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} {path}: {parent} is a file, not a folder; pass a path inside a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: {parent} is not writable; pass a path you can write to")
+
+
+def _rewritable(path: Path, kind: str | None) -> bool:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return kind is None or (isinstance(data, dict) and data.get("kind") == kind)
+
+
 # ---------------------------------------------------------------------------- publishing folders
 
 
@@ -105,11 +142,12 @@ def publish_dir(out_dir: str | os.PathLike, replaceable: Callable[[Path], bool],
     says edgevit wrote it (an earlier `what`); anything else there is refused before any work."""
     out_dir = Path(out_dir)
     check_replaceable(out_dir, replaceable, what)
+    writable_parent(out_dir, "-o")
     _make_parent(out_dir)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     except OSError as e:
-        raise EdgeVitError(f"{out_dir}: cannot write there ({e.strerror}); pass a writable -o") from None
+        raise OutputError(f"{out_dir}: cannot write there ({e.strerror}); pass a writable -o") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; artifacts get the usual permissions
     try:
         yield tmp
@@ -123,9 +161,9 @@ def check_replaceable(out_dir: Path, replaceable: Callable[[Path], bool], what: 
     if not out_dir.exists() and not out_dir.is_symlink():
         return
     if out_dir.is_symlink() or not out_dir.is_dir():
-        raise EdgeVitError(f"{out_dir} exists and is not a folder edgevit wrote; pass a new path to -o")
+        raise OutputError(f"{out_dir} exists and is not a folder edgevit wrote; pass a new path to -o")
     if any(out_dir.iterdir()) and not replaceable(out_dir):
-        raise EdgeVitError(f"{out_dir} exists and is not {what} edgevit wrote; edgevit does not replace "
+        raise OutputError(f"{out_dir} exists and is not {what} edgevit wrote; edgevit does not replace "
                            "folders it did not write: pass a new or empty folder to -o")
 
 
@@ -144,9 +182,9 @@ def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise EdgeVitError(f"{path.parent} is a file, not a folder; pass a path inside a folder") from None
+        raise OutputError(f"{path.parent} is a file, not a folder; pass a path inside a folder") from None
     except OSError as e:
-        raise EdgeVitError(f"{path.parent}: cannot create it ({e.strerror}); pass a writable path") from None
+        raise OutputError(f"{path.parent}: cannot create it ({e.strerror}); pass a writable path") from None
 
 
 def _umask() -> int:

@@ -23,7 +23,7 @@ import json
 import math
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,7 @@ import torch
 
 from edgevit.backend.runtime import Device
 from edgevit.checkpoint import Checkpoint
-from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.errors import ConfigError, EdgeVitError, OutputError
 from edgevit.fileio import read_artifact, read_cache, write_json
 from edgevit.sparsity import (
     SparsityConfig,
@@ -257,10 +257,6 @@ class MeasuredRows:
         if self.path is not None:
             write_json(self.path, {"plan": self.plan, "rows": self.rows})
 
-    def done(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
 
 # ---------------------------------------------------------------------------- the verbs
 
@@ -268,7 +264,8 @@ class MeasuredRows:
 def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg: ProfileConfig = ProfileConfig(),
             log: Log = print, checkpoint: Path | None = None) -> LatencyTable:
     """Measure dense, every (knob, k) unit alone and `cfg.calibrate` random configs, then fit the
-    table; with `checkpoint`, measured rows are kept there and a rerun skips them."""
+    table; with `checkpoint`, measured rows are kept there and a rerun skips them (the caller
+    removes it once the table is safely saved)."""
     from tqdm import tqdm
 
     measure = Measurer(ckpt, target, device, cfg)
@@ -282,7 +279,7 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
     configs = [single_knob_ratios(base.stage_knobs, knob, ratio) for knob, _, ratio in units]
     configs += [c.per_stage() for c in _random_sparse_configs(base, rng, cfg.calibrate)]
     key = table_key(ckpt, target, cfg.batch, measure.schedules)
-    done = MeasuredRows(checkpoint, {"key": key, "configs": configs, "cfg": asdict(cfg)})
+    done = MeasuredRows(checkpoint, {"key": key, "configs": configs, "cfg": _timing_settings(cfg)})
     if done.rows:
         log(f"resuming: {len(done.rows)} of {len(configs)} configs already measured ({checkpoint})")
     bar = tqdm(total=len(configs), initial=len(done.rows), unit="build", desc="profile", leave=False)
@@ -292,9 +289,7 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
         bar.update()
     bar.close()
     measure.close()
-    table = fit_table(key, windows, statistics.median(r["dense_ms"] for r in done.rows), done.rows)
-    done.done()
-    return table
+    return fit_table(key, windows, statistics.median(r["dense_ms"] for r in done.rows), done.rows)
 
 
 def fit_table(key: dict, windows: list[int], dense_ms: float, rows: list[dict], combine: str = "product") -> LatencyTable:
@@ -340,7 +335,7 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
     rng = torch.Generator().manual_seed(cfg.seed + 1_000_003)
     configs = _random_sparse_configs(base, rng, n)
     done = MeasuredRows(checkpoint, {"table": table.to_dict() | {"validation": None},
-                                     "configs": [list(c.ratios) for c in configs], "cfg": asdict(cfg)})
+                                     "configs": [list(c.ratios) for c in configs], "cfg": _timing_settings(cfg)})
     for config in tqdm(configs[len(done.rows):], total=n, initial=len(done.rows), unit="config", desc="validate",
                        leave=False):
         predicted = table.predict(keep_counts(measure.model, config))
@@ -350,7 +345,6 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
                   "ape_same_dense": abs(predicted * dense_now / table.dense_ms - measured) / measured * 100})
     measure.close()
     rows = done.rows
-    done.done()
     apes, same = [r["ape"] for r in rows], [r["ape_same_dense"] for r in rows]
     result = {"configs": n, "mape": statistics.fmean(apes), "max_ape": max(apes),
               "within_10pct": 100.0 * sum(a <= 10 for a in apes) / n,
@@ -359,6 +353,12 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
         f"{result['within_10pct']:.0f}% within +-10%; against the dense model timed alongside (machine drift "
         f"removed): mean {result['mape_same_dense']:.2f}%, max {result['max_ape_same_dense']:.2f}%")
     return result
+
+
+def _timing_settings(cfg: ProfileConfig) -> dict:
+    """The settings a measured row depends on (a resumed run must share them; how many configs
+    to validate, or the recipe's target name, do not change a row)."""
+    return {k: v for k, v in asdict(cfg).items() if k in {f.name for f in fields(ProfileConfig)} - {"validate"}}
 
 
 def _random_sparse_configs(base: SparsityConfig, rng: torch.Generator, n: int) -> list[SparsityConfig]:
@@ -383,7 +383,11 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
         raise EdgeVitError(f"{path} is a folder; pass the path of a latency table file (.json)")
     table = None
     if path.is_file():
-        table = LatencyTable.load(path)
+        try:
+            table = LatencyTable.load(path)
+        except EdgeVitError:
+            raise OutputError(f"{path} exists and is not a latency table edgevit wrote; edgevit does not replace "
+                              "files it did not write: pass another path") from None
         if table.key != key:
             changed = ", ".join(f"{k} {table.key.get(k)!r} -> {key[k]!r}" for k in key if table.key.get(k) != key[k])
             log(f"{path}: made for other settings ({changed}); profiling again")
@@ -391,15 +395,17 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
         else:
             log(f"latency table {path} (dense {table.dense_ms:.3f} ms)")
     if table is None:
-        table = profile(ckpt, target, device, cfg, log, checkpoint=path.with_name(path.name + ".partial"))
+        partial = path.with_name(path.name + ".partial")
+        table = profile(ckpt, target, device, cfg, log, checkpoint=partial)
         table.save(path)
+        partial.unlink(missing_ok=True)   # the measurements live in the table now
         log(f"wrote latency table {path}: dense {table.dense_ms:.3f} ms, calibrated overhead "
             f"{table.overhead_ms:+.3f} ms")
     if cfg.validate:
-        result = validate(table, ckpt, target, cfg.validate, device, cfg, log,
-                          checkpoint=path.with_name(path.name + ".validate.partial"))
-        table = replace(table, validation=result)
+        partial = path.with_name(path.name + ".validate.partial")
+        table = replace(table, validation=validate(table, ckpt, target, cfg.validate, device, cfg, log, partial))
         table.save(path)
+        partial.unlink(missing_ok=True)
     return table, path
 
 

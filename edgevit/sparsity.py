@@ -162,7 +162,11 @@ class SparsityConfig:
         unknown = set(d) - {"ratios", "stage_knobs", "levels"}
         if unknown:
             raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}'; valid keys: ratios, stage_knobs, levels")
-        return cls(tuple(d["ratios"]), tuple(d["stage_knobs"]), tuple(d.get("levels", DEFAULT_LEVELS)))
+        ratios, knobs = _numbers(d["ratios"], "ratios", where), _numbers(d["stage_knobs"], "stage_knobs", where)
+        levels = _numbers(d.get("levels", DEFAULT_LEVELS), "levels", where)
+        if any(isinstance(k, float) or k < 0 for k in knobs) or any(not 0 <= r < 1 for r in (*ratios, *levels)):
+            raise ConfigError(f"{where}: stage_knobs must be counts >= 0 and ratios/levels in [0, 1)")
+        return cls(ratios, knobs, levels)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
@@ -176,6 +180,13 @@ class SparsityConfig:
         if isinstance(data, dict) and "sparsity" in data:  # a SearchResult or artifact manifest
             data = data["sparsity"]
         return cls.from_dict(data, str(path))
+
+
+def _numbers(value, key: str, where: str) -> tuple:
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                   or not math.isfinite(v) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of numbers, got {str(value)[:60]}")
+    return tuple(value)
 
 
 # ---------------------------------------------------------------------------- the space

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevit.checkpoint import Checkpoint
-from edgevit.data import DataBundle, ImageSet, batches
-from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.data import DataBundle, ImageSet, batches, check_model_fits
+from edgevit.errors import ConfigError, EdgeVitError, OutputError
 from edgevit.stages import FINAL, LAST, StageRun
 
 
@@ -167,8 +167,9 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
     weights are saved (adaptation restores the dense config there); `stage` names the verb in
     the checkpoint metadata.
     """
+    out_dir = check_training_out(out_dir)
+    check_model_fits(model.cfg, data)
     d = setup_distributed()
-    out_dir = Path(out_dir)
     device = device_for(d)
     torch.manual_seed(cfg.seed)
     model.to(device)
@@ -205,6 +206,25 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
                                   **meta).save(out_dir / LAST)
         barrier(d)
     return _finish(model, data, out_dir, meta, d)
+
+
+def check_training_out(out_dir: str | Path) -> Path:
+    """Refuse, before any training, an --out edgevit must not write into: a file, an unwritable
+    place, or a folder whose model.pt / last.pt are not edgevit checkpoints."""
+    from edgevit.fileio import writable_parent
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} is a file; training writes a folder (last.pt, model.pt): pass a folder")
+    writable_parent(out_dir / FINAL, "--out")
+    for name in (LAST, FINAL):
+        if (out_dir / name).exists():
+            try:
+                Checkpoint.load(out_dir / name)
+            except EdgeVitError:
+                raise OutputError(f"--out {out_dir}: {name} there is not an edgevit checkpoint; edgevit does not "
+                                  "replace files it did not write: pass another --out") from None
+    return out_dir
 
 
 def _print_epoch(epoch: int, epochs: int, stats: dict) -> None:

@@ -115,10 +115,11 @@ class Tuning:
     def __init__(self, target: Target, cfg: TuneConfig, device: Device | None, log: Log):
         self.target, self.cfg, self.device, self.log = target, cfg, device, log
         self.path = Path(cfg.database) if cfg.database else database_dir(target)
-        self.db = open_database(self.path)
         self.tvm_target = target.tvm_target()
-        self.builder = ms_.make_builder(target, cfg.builder_timeout_s)
+        # the device first: an unreachable one must not leave an empty database behind
         self.runner = ms_.make_runner(device, cfg.runner_timeout_s, cfg.number, cfg.repeat, cfg.min_repeat_ms)
+        self.builder = ms_.make_builder(target, cfg.builder_timeout_s)
+        self.db = open_database(self.path)
         self.progress = self._load_progress()
 
     def _load_progress(self) -> dict:

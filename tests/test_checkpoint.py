@@ -37,9 +37,13 @@ def test_truncated_and_garbage_files(tmp_path):
     data = path.read_bytes()
     (tmp_path / "t.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "g.pt").write_bytes(b"\x00garbage" * 100)
-    for name in ("t.pt", "g.pt"):
-        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    (tmp_path / "text.pt").write_text("epoch,loss\n1,0.5\n")
+    (tmp_path / "folder.pt").mkdir()
+    for name, reason in (("t.pt", "corrupt or truncated"), ("g.pt", "not a PyTorch checkpoint \\(an unknown binary"),
+                         ("text.pt", "not a PyTorch checkpoint \\(a text file"), ("folder.pt", "is a folder")):
+        with pytest.raises(CheckpointError, match=reason) as e:
             Checkpoint.load(tmp_path / name)
+        assert e.value.exit_code == 4 and "\n" not in str(e.value)
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         Checkpoint.load(tmp_path / "missing.pt")
 
@@ -68,12 +72,64 @@ def test_plain_state_dict_needs_a_model_name(tmp_path):
 
 
 def test_timm_style_buffers_are_ignored(tmp_path):
-    model = create_model("swin_micro")
+    """timm state dicts carry the derived buffers; the ones in the file (zeros here) are dropped
+    and the model's own, rebuilt from its config, are used."""
+    model = create_model("swin_micro").eval()
     state = dict(model.state_dict())
-    state["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
-    state["layers.0.blocks.1.attn_mask"] = torch.zeros(4, 16, 16)
+    index_key, mask_key = "layers.0.blocks.0.attn.relative_position_index", "layers.0.blocks.1.attn_mask"
+    assert index_key not in state and mask_key not in state          # edgevit never saves them
+    state[index_key] = torch.zeros(16, 16, dtype=torch.long)
+    state[mask_key] = torch.zeros(4, 16, 16)
     torch.save(state, tmp_path / "timm.pt")
-    Checkpoint.load(tmp_path / "timm.pt", model_name="swin_micro").build_model()
+    loaded = Checkpoint.load(tmp_path / "timm.pt", model_name="swin_micro").build_model().eval()
+    assert index_key not in loaded.state_dict() and mask_key not in loaded.state_dict()
+    index = loaded.layers[0].blocks[0].attn.relative_position_index
+    mask = loaded.layers[0].blocks[1].attn_mask
+    assert torch.equal(index, model.layers[0].blocks[0].attn.relative_position_index)
+    assert torch.equal(mask, model.layers[0].blocks[1].attn_mask)
+    assert index.shape == (16, 16) and index.max() == (2 * 4 - 1) ** 2 - 1   # a real 4x4-window index
+    assert mask.shape == (4, 16, 16) and (mask < 0).any()                    # the shifted windows' mask
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+class _Payload:
+    """Unpickling this runs `action(*args)`: what a malicious checkpoint does."""
+
+    def __init__(self, action, *args):
+        self.action, self.args = action, args
+
+    def __reduce__(self):
+        return self.action, self.args
+
+
+def _touch(path):
+    open(path, "w").close()
+
+
+@pytest.mark.parametrize("kind", ["os.system", "python function"])
+def test_a_checkpoint_that_runs_code_is_refused_without_running_it(tmp_path, kind):
+    import os
+
+    marker = tmp_path / "pwned"
+    action = (_Payload(os.system, f"touch '{marker}'") if kind == "os.system" else _Payload(_touch, str(marker)))
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "edgevit.checkpoint", "version": 1, "state_dict": {}, "meta": action}, path)
+    with pytest.raises(CheckpointError) as e:
+        Checkpoint.load(path)
+    message = str(e.value)
+    assert e.value.exit_code == 4 and message.startswith(str(path)) and "\n" not in message
+    # loose on the wording, which is changing to say the file would run code; the path (which
+    # holds this test's name) is left out so it cannot supply the word
+    rest = message.replace(str(path), "")
+    assert "checkpoint" in rest or "run code" in rest
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        Checkpoint.load(path, model_name="swin_micro")               # the plain state dict path too
+    assert not marker.exists()
+    torch.load(path, weights_only=False)                             # the payload is live: an unsafe load runs it
+    assert marker.exists()
 
 
 def test_save_is_atomic_on_failure(tmp_path, monkeypatch):

@@ -72,12 +72,18 @@ def test_errors_are_one_line_with_exit_codes(args, code, message):
 
 
 def test_console_script_prints_no_traceback(tmp_path):
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"\x00" * 64)
-    result = subprocess.run([sys.executable, "-m", "edgevit.cli", "eval", "--checkpoint", str(bad)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 4
-    assert "Traceback" not in result.stderr and "corrupt or truncated" in result.stderr
+    import torch
+
+    torch.save({"w": torch.zeros(64)}, tmp_path / "real.pt")
+    blob = (tmp_path / "real.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "zeros.pt").write_bytes(b"\x00" * 64)
+    for name, reason in (("cut.pt", "corrupt or truncated"), ("zeros.pt", "not a PyTorch checkpoint")):
+        result = subprocess.run([sys.executable, "-m", "edgevit.cli", "eval", "--checkpoint", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 4
+        assert "Traceback" not in result.stderr and reason in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_import_edgevit_stays_light():

@@ -98,12 +98,28 @@ def test_bundle_runs_with_its_own_loader(host_artifact, tmp_path):
 
 
 def test_dense_compile_equals_pytorch_dense(ckpt, tmp_path):
-    art = compile_model(ckpt, load_target("host"), tmp_path / "dense", None, CompileConfig(images=8),
+    """The compiled library itself, run here on the stored reference input and on fresh random
+    inputs, gives the PyTorch model's logits (and so its top-1)."""
+    from edgevit.backend.runtime import Device, Session
+
+    # compile's own validation is off: this test does it, on the library it wrote
+    art = compile_model(ckpt, load_target("host"), tmp_path / "dense", None, CompileConfig(images=8, validate=False),
                         log=lambda _: None)
-    x, ref = art.reference()
-    with torch.no_grad():
-        assert np.abs(ckpt.build_model().eval()(torch.from_numpy(x)).numpy() - ref).max() == 0.0
-    assert art.manifest.sparsity is None
+    assert art.manifest.sparsity is None and "skipped" in art.manifest.validation
+    model = ckpt.build_model().eval()
+    session = Session(Device("cpu"), art.library, art.weights)
+    x, stored = art.reference()
+    rng = np.random.default_rng(1234)
+    inputs = [x] + [rng.standard_normal(x.shape, dtype=np.float32) * scale for scale in (1.0, 1.0, 3.0)]
+    for i, batch in enumerate(inputs):
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        got = session.run(batch)
+        assert got.shape == expected.shape == (1, 10), i
+        assert np.abs(got - expected).max() < 1e-4, (i, np.abs(got - expected).max())
+        assert np.array_equal(got.argmax(1), expected.argmax(1)), i
+        assert not np.allclose(expected, 0.0, atol=1e-3), i          # a real output, not a degenerate one
+    assert np.abs(session.run(x) - stored).max() < 1e-4              # and the stored reference agrees
 
 
 def test_rasp4b_cross_compiles_to_aarch64(ckpt, tmp_path):
@@ -147,6 +163,24 @@ def test_failed_validation_writes_nothing_and_keeps_the_old_artifact(ckpt, host_
         compile_model(ckpt, load_target("host"), out, None, CompileConfig(images=8), log=lambda _: None)
     assert (out / "manifest.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
+
+
+def test_cli_compile_that_fails_validation_exits_6_and_writes_nothing(ckpt, tmp_path, monkeypatch):
+    """A compiled model that disagrees with PyTorch: exit code 6, one line on stderr, no artifact."""
+    import edgevit.compile as comp
+
+    ckpt.save(tmp_path / "m.pt")
+    bad = {"max_abs_error": 0.5, "top1_agreement": 80.0, "images": 8}
+    monkeypatch.setattr(comp, "compare", lambda *a, **k: dict(bad))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", str(tmp_path / "m.pt"),
+                                      "--no-tuning", "-o", str(out)])
+    assert result.exit_code == 6, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "disagrees with PyTorch" in lines[0] and "0.5" in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 class Unsupported(torch.nn.Module):

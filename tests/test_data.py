@@ -1,3 +1,6 @@
+import hashlib
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
@@ -7,15 +10,65 @@ from edgevit.data import batches, load_data, parse_spec, read_idx
 from edgevit.errors import DataError
 
 
+def image_hashes(images: torch.Tensor) -> list[bytes]:
+    """One digest per image (its raw uint8 bytes)."""
+    return [hashlib.sha256(img.contiguous().numpy().tobytes()).digest() for img in images]
+
+
+def assert_partition(splits: dict[str, torch.Tensor], source: torch.Tensor) -> None:
+    """The splits together hold every source image exactly as often as the source does (a
+    permutation of it, nothing dropped or drawn twice), and no image that occurs once in the
+    source is in two splits."""
+    counts = {name: Counter(image_hashes(images)) for name, images in splits.items()}
+    assert sum(counts.values(), Counter()) == Counter(image_hashes(source))
+    once = {h for h, n in Counter(image_hashes(source)).items() if n == 1}
+    names = sorted(counts)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = set(counts[a]) & set(counts[b]) & once
+            assert not shared, f"{len(shared)} images in both {a} and {b}"
+
+
 def test_digits_split_is_seeded_disjoint_and_normalised():
     a = load_data("digits", 16, seed=3)
     b = load_data("digits", 16, seed=3)
     c = load_data("digits", 16, seed=4)
     assert (len(a.train), len(a.val), len(a.test)) == (1294, 144, 359)
     assert torch.equal(a.val.labels, b.val.labels) and not torch.equal(a.val.labels, c.val.labels)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.test.images, b.test.images)
     assert a.train.images.shape[1:] == (1, 16, 16) and a.num_classes == 10
     x, _ = next(batches(a.train, a.mean, a.std, 2000))
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_digits_splits_are_disjoint_sets_of_images(seed):
+    """At the native 8x8 (no resize) every split image is a source image byte for byte; the
+    source's images are all distinct, so disjoint splits share no image at all."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    source = torch.from_numpy(np.round(raw.images * (255.0 / 16.0)).astype(np.uint8))[:, None]
+    assert len(set(image_hashes(source))) == len(source)     # no duplicates in the source to account for
+    d = load_data("digits", 8, seed=seed)
+    assert_partition({"train": d.train.images, "val": d.val.images, "test": d.test.images}, source)
+    by_image = dict(zip(image_hashes(source), raw.target.tolist()))
+    for split in (d.train, d.val, d.test):                   # each image keeps its own label
+        assert [by_image[h] for h in image_hashes(split.images)] == split.labels.tolist()
+
+
+def test_idx_val_is_carved_from_train_and_test_stays_apart(idx_dir):
+    """Noise makes every fixture image distinct: val and train partition the train file, the
+    test split is exactly the t10k file, and no image is in two splits."""
+    d = load_data(f"idx:{idx_dir}", 12, val_fraction=0.25)
+    train_file = torch.from_numpy(read_idx(idx_dir / "train-images-idx3-ubyte.gz").copy())[:, None]
+    test_file = torch.from_numpy(read_idx(idx_dir / "t10k-images-idx3-ubyte").copy())[:, None]
+    assert len(set(image_hashes(torch.cat([train_file, test_file])))) == len(train_file) + len(test_file)
+    assert len(d.val) == 20 and len(d.train) == 60
+    assert_partition({"train": d.train.images, "val": d.val.images}, train_file)
+    assert Counter(image_hashes(d.test.images)) == Counter(image_hashes(test_file))
+    assert_partition({"train": d.train.images, "val": d.val.images, "test": d.test.images},
+                     torch.cat([train_file, test_file]))
 
 
 def test_idx_reads_gz_and_plain(idx_dir):
@@ -90,10 +143,16 @@ def test_corrupt_image_named(folder_dir):
 
 
 def test_ddp_shards_are_disjoint_and_equal():
-    d = load_data("digits", 8)
-    shards = [torch.cat([y for _, y in batches(d.train, d.mean, d.std, 100, shuffle=True, rank=r, world=2)])
+    d = load_data("digits", 8)    # 8x8: the source's own images, all distinct
+    assert len(set(image_hashes(d.train.images))) == len(d.train)
+    shards = [torch.cat([x for x, _ in batches(d.train, d.mean, d.std, 100, shuffle=True, rank=r, world=2)])
               for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == len(d.train) // 2
+    whole = set(image_hashes(torch.cat([x for x, _ in batches(d.train, d.mean, d.std, 100)])))
+    hashed = [image_hashes(shard) for shard in shards]
+    assert all(len(set(h)) == len(h) for h in hashed)           # no image twice within a shard
+    assert not set(hashed[0]) & set(hashed[1])                  # nor in both shards
+    assert set(hashed[0]) | set(hashed[1]) <= whole             # and all of them from the train split
 
 
 def test_augmentation_keeps_shape_and_changes_pixels():

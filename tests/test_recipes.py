@@ -11,7 +11,41 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
-    assert recipe.stages and recipe.model.resolve()
+    assert recipe.stages
+    assert_resolves_to_registered_model(recipe)
+
+
+def assert_resolves_to_registered_model(recipe):
+    """resolve() gives (class, config): the class registered under the recipe's model name, and
+    its default config with exactly the [model] overrides applied."""
+    import dataclasses
+
+    from edgevit.models import create_model
+    from edgevit.models.registry import _REGISTRY
+
+    resolved = recipe.model.resolve()
+    assert isinstance(resolved, tuple) and len(resolved) == 2
+    cls, cfg = resolved
+    assert recipe.model.name in _REGISTRY
+    registered_cls, default = _REGISTRY[recipe.model.name]()
+    assert cls is registered_cls and isinstance(cfg, type(default)) and dataclasses.is_dataclass(cfg)
+    for f in dataclasses.fields(cfg):
+        if f.name in recipe.model.overrides:
+            given = recipe.model.overrides[f.name]
+            assert getattr(cfg, f.name) == (tuple(given) if isinstance(given, list) else given), f.name
+        else:
+            assert getattr(cfg, f.name) == getattr(default, f.name), f.name
+    model = create_model(recipe.model.name, **recipe.model.overrides)
+    assert type(model) is cls and model.cfg == cfg
+
+
+def test_model_overrides_reach_the_resolved_config(tmp_path):
+    recipe = load_recipe(write(tmp_path, 'stages = ["train"]\n[model]\nname = "swin_micro"\nimg_size = 32\n'
+                                         'depths = [2, 4]\nwindow_size = 2\ndrop_path = 0.1\n'))
+    assert recipe.model.overrides == {"img_size": 32, "depths": [2, 4], "window_size": 2, "drop_path": 0.1}
+    assert_resolves_to_registered_model(recipe)
+    _, cfg = recipe.model.resolve()
+    assert (cfg.img_size, cfg.depths, cfg.window_size, cfg.drop_path, cfg.embed_dim) == (32, (2, 4), 2, 0.1, 16)
 
 
 def test_fashion_recipe_has_at_least_16_windows_in_stage_one():

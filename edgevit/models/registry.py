@@ -7,9 +7,10 @@ fields (e.g. img_size, num_classes), and unknown fields are errors naming the cl
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Callable
 
-from edgevit.config import closest_key_hint
+from edgevit.config import _coerce, closest_key_hint
 from edgevit.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[[], tuple[type, Any]]] = {}
@@ -35,10 +36,11 @@ def resolve_model(name: str, **overrides: Any) -> tuple[type, Any]:
     for key in overrides:
         if key not in fields:
             raise ConfigError(f"model '{name}' has no setting '{key}'; {closest_key_hint(key, list(fields))}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    hints = typing.get_type_hints(type(cfg))
+    typed = {k: _coerce(v, hints[k], f"model '{name}' setting '{k}'") for k, v in overrides.items()}
     try:
-        return cls, dataclasses.replace(cfg, **overrides)
-    except (TypeError, ValueError) as e:
+        return cls, dataclasses.replace(cfg, **typed)
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"model '{name}': {e}") from None
 
 
@@ -48,3 +50,18 @@ def create_model(name: str, **overrides: Any):
     model.model_name = name
     return model
 
+
+def check_positive(cfg, *names: str) -> None:
+    """Sizes and counts a model config holds must be positive integers (a zero patch or window
+    size would otherwise surface as a division error deep inside the model)."""
+    for n in names:
+        value = getattr(cfg, n)
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{n} {value!r} must be {'positive integers' if isinstance(value, tuple) else 'a positive integer'}")
+
+
+def check_fraction(cfg, name: str) -> None:
+    value = getattr(cfg, name)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} {value!r} must be in [0, 1)")

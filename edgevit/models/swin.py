@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevit.models.layers import DropPath, Mlp, drop_path_rates, init_weights
-from edgevit.models.registry import register_model
+from edgevit.models.registry import check_fraction, check_positive, register_model
 from edgevit.sparsity import keep_count, set_sparsity
 
 MASK_VALUE = -100.0  # Swin's shifted-window mask value
@@ -42,6 +42,11 @@ class SwinConfig:
     drop_path: float = 0.2
 
     def __post_init__(self):
+        check_positive(self, "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depths", "num_heads",
+                       "window_size")
+        check_fraction(self, "drop_path")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} must be > 0")
         if len(self.depths) != len(self.num_heads):
             raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
         if self.img_size % self.patch_size:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from edgevit.models.layers import DropPath, Mlp, drop_path_rates, init_weights
-from edgevit.models.registry import register_model
+from edgevit.models.registry import check_fraction, check_positive, register_model
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class ViTConfig:
     distilled: bool = False  # DeiT: a second token supervised by a teacher
 
     def __post_init__(self):
+        check_positive(self, "img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads")
+        check_fraction(self, "drop_path")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio {self.mlp_ratio} must be > 0")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
