@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from edgevit import __version__
-from edgevit.errors import EdgeVitError
+from edgevit.errors import ConfigError, EdgeVitError
 
 JSON_HELP = "Also write the figures as JSON to this path."
 
@@ -286,7 +286,7 @@ def _model_from(ckpt_path, model_name, sets):
     if ckpt_path:
         return Checkpoint.load(ckpt_path, model_name=model_name, **_parse_sets(sets)).build_model().eval()
     if not model_name:
-        raise EdgeVitError("pass --checkpoint CKPT or --model NAME (see `edgevit models`)")
+        raise ConfigError("pass --checkpoint CKPT or --model NAME (see `edgevit models`)")
     return create_model(model_name, **_parse_sets(sets)).eval()
 
 
@@ -314,7 +314,7 @@ def _checkpoint_data(ckpt, spec: str | None, ckpt_path):
 
     spec = spec or ckpt.data.get("spec")
     if not spec:
-        raise EdgeVitError(f"{ckpt_path}: the checkpoint names no data set; pass --data SPEC")
+        raise ConfigError(f"{ckpt_path}: the checkpoint names no data set; pass --data SPEC")
     return load_data(spec, ckpt.model_config["img_size"], ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
 
 

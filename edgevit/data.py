@@ -192,6 +192,8 @@ def _idx(path: str | None):
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise DataError(f"{images}: {split} images {tuple(x.shape)} do not match labels {tuple(y.shape)}; "
                             "expected (N, H, W) images and (N,) labels")
+        if len(y) == 0:
+            raise DataError(f"{labels}: the {split} split is empty (0 images); add images or use a larger data set")
         classes = [str(i) for i in range(int(y.max()) + 1)]
         sets.append(ImageSet(torch.from_numpy(x.astype(np.uint8))[:, None],
                              torch.from_numpy(y.astype(np.int64)), classes))

@@ -84,7 +84,7 @@ def read_cache(path: str | os.PathLike | None) -> dict | None:
 def read_artifact(path: str | os.PathLike, kind: str, fix: str, versions: tuple[int, ...] = (1,)) -> dict:
     """A JSON artifact of `kind` at one of the `versions` this edgevit reads; anything else (a
     missing file, bad JSON, another kind, a newer version) is a one-line error ending in `fix`."""
-    what = kind.removeprefix("edgevit.").replace("_", " ")
+    what = artifact_noun(kind)
     data = read_json(path, what, fix)
     found = data.get("kind") if isinstance(data, dict) else None
     if found != kind:
@@ -93,6 +93,14 @@ def read_artifact(path: str | os.PathLike, kind: str, fix: str, versions: tuple[
         raise EdgeVitError(f"{path}: {what} version {data.get('version')} is not one this edgevit reads "
                            f"({', '.join(map(str, versions))}); upgrade edgevit or {fix}")
     return data
+
+
+NOUNS = {"edgevit.compiled": "compiled artifact manifest"}
+
+
+def artifact_noun(kind: str) -> str:
+    """How messages name an artifact kind: 'latency table' for edgevit.latency_table."""
+    return NOUNS.get(kind, kind.removeprefix("edgevit.").replace("_", " "))
 
 
 # ---------------------------------------------------------------------------- output paths
@@ -107,7 +115,7 @@ def check_output_file(path: str | os.PathLike, kind: str | None = None, option: 
         raise OutputError(f"{option} {path} is a folder; pass a file path")
     writable_parent(path, option)
     if path.exists() and not _rewritable(path, kind):
-        what = f"a {kind.removeprefix('edgevit.').replace('_', ' ')}" if kind else "a JSON file"
+        what = f"a {artifact_noun(kind)}" if kind else "a JSON file"
         raise OutputError(f"{option} {path} exists and is not {what} edgevit wrote; edgevit does not replace "
                           "files it did not write: pass another path")
     return path
@@ -120,8 +128,12 @@ def writable_parent(path: Path, option: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OutputError(f"{option} {path}: {parent} is a file, not a folder; pass a path inside a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: {parent} is not writable; pass a path you can write to")
+    try:   # a real write (os.access says yes to root everywhere, /proc included); leaves nothing behind
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OutputError(f"{option} {path}: cannot write in {parent} ({e.strerror}); pass a path you can "
+                          "write to") from None
 
 
 def _rewritable(path: Path, kind: str | None) -> bool:

@@ -136,6 +136,15 @@ class ProfileStageConfig(ProfileConfig):
 
     target: str = "host"
 
+    def __post_init__(self):
+        super().__post_init__()
+        from edgevit.targets import load_target
+
+        try:
+            load_target(self.target)    # a misspelt target fails when the recipe loads, not after training
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
 
 class Measurer:
     """Compiles a model config exactly as `compile` does and times it on the target.

@@ -121,8 +121,8 @@ class AccuracyOracle:
         self.model = ckpt.build_model().eval()
         d = ckpt.data
         if not d.get("spec"):
-            raise EdgeVitError("the checkpoint records no data set; search scores configs on its validation split "
-                               "(train/adapt with edgevit, or pass --data)")
+            raise ConfigError("the checkpoint records no data set, and search scores configs on its validation "
+                              "split; adapt it on your data first (`edgevit adapt --checkpoint CKPT --data SPEC`)")
         data = load_data(d["spec"], self.model.cfg.img_size, d.get("seed", 0), d.get("val_fraction", 0.1))
         self.data, self.mean, self.std = data, d.get("mean", data.mean), d.get("std", data.std)
         val = data.val

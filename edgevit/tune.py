@@ -25,7 +25,7 @@ from edgevit.backend import metaschedule as ms_
 from edgevit.backend.database import database_dir, open_database
 from edgevit.backend.runtime import Device
 from edgevit.checkpoint import Checkpoint
-from edgevit.errors import EdgeVitError
+from edgevit.errors import ConfigError, EdgeVitError
 from edgevit.fileio import read_cache, write_json
 from edgevit.sparsity import SparsityConfig
 from edgevit.targets import Target
@@ -163,7 +163,7 @@ class Tuning:
 def tune_model(ckpt: Checkpoint, target: Target, sparsity: SparsityConfig | None = None,
                cfg: TuneConfig = TuneConfig(), device: Device | None = None, log: Log = print) -> TuneReport:
     if target.device != "cpu":
-        raise EdgeVitError(f"target '{target.name}' is a {target.device} target; `edgevit tune` tunes CPU "
+        raise ConfigError(f"target '{target.name}' is a {target.device} target; `edgevit tune` tunes CPU "
                            "targets (GPU kernels use dlight's schedules)")
     if not target.runs_here and (device is None or device.rpc is None):
         raise EdgeVitError(f"target '{target.name}' ({target.arch}) does not run on this machine; tune on the "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevit.errors import DeviceError
+from edgevit.errors import ConfigError, DeviceError
 
 __all__ = ["Device", "DeviceError", "Session", "connect"]
 
@@ -76,7 +76,7 @@ def connect(device: Device, session_timeout: int | None = None):
 
     host, _, port = (device.rpc or "").rpartition(":")
     if not host or not port.isdigit():
-        raise DeviceError(f"--rpc '{device.rpc}' is not HOST:PORT (e.g. 127.0.0.1:9190)")
+        raise ConfigError(f"--rpc '{device.rpc}' is not HOST:PORT (e.g. 127.0.0.1:9190)")
     try:
         with socket.create_connection((host, int(port)), timeout=min(device.timeout, 10.0)):
             pass
