@@ -486,6 +486,44 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
         raise EdgeVitError(f"{artifact_dir}: output on {result['device']} differs from the PyTorch reference")
 
 
+@cli.command("bench")
+@click.argument("artifact_dir", type=click.Path())
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: run here.")
+@click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds to wait for the device.")
+@click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Timed seconds after warm-up.")
+@click.option("--min-runs", type=_count(), default=100, show_default=True, help="At least this many timed calls.")
+@click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Warm-up seconds (not timed).")
+@click.option("--data", "spec", default=None, help="Also run the artifact over this data set's test split: top-1.")
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (for CI job summaries) instead of text.")
+@click.option("-o", "--out", "out_path", type=OutputFile("edgevit.bench_result"), default=None,
+              help="Result JSON; default ARTIFACT.bench.json beside the artifact.")
+def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec, markdown, out_path) -> None:
+    """Measure an artifact's latency on its device: percentiles, throughput, size, environment."""
+    from edgevit.artifact import CompiledArtifact
+    from edgevit.bench import BenchConfig, bench, default_out
+    from edgevit.fileio import check_output_file
+
+    cfg = _config(BenchConfig, "bench", duration_s=duration, min_runs=min_runs, warmup_s=warmup, data=spec)
+    out_path = out_path or str(check_output_file(default_out(artifact_dir), "edgevit.bench_result"))
+    artifact = CompiledArtifact.load(artifact_dir)
+    result = bench(artifact, cfg, rpc=rpc, key=key, timeout=timeout, log=lambda s: click.echo(s, err=markdown))
+    result.save(out_path)
+    if markdown:
+        click.echo(result.markdown(), nl=False)
+        return
+    lat = result.latency_ms
+    p = " ".join(f"{k} {lat[k]:.3f}" for k in ("p90", "p95", "p99") if lat[k] is not None)
+    click.echo(f"{result.environment['device']}: {lat['n']} calls, median {lat['median']:.3f} ms, mean "
+               f"{lat['mean']:.3f} ms, min {lat['min']:.3f}, {p}, CoV {lat['cov']:.1%}; "
+               f"{result.throughput_ips:.1f} img/s at batch {result.batch}")
+    for w in result.warnings:
+        click.echo(f"warning: {w}")
+    click.echo(f"wrote {out_path}")
+
+
 @cli.command("package")
 @click.argument("artifact_dir", type=click.Path())
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Bundle folder to write.")

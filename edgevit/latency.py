@@ -33,7 +33,7 @@ import torch
 from edgevit.backend.runtime import Device
 from edgevit.checkpoint import Checkpoint
 from edgevit.errors import ConfigError, EdgeVitError, OutputError
-from edgevit.fileio import read_artifact, read_cache, write_json
+from edgevit.fileio import check_output_file, read_artifact, read_cache, write_json
 from edgevit.sparsity import (
     SparsityConfig,
     distinct_units,
@@ -388,8 +388,7 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
     source, _ = schedule_source(target, cfg.tuning)
     key = table_key(ckpt, target, cfg.batch, source)
     path = Path(path) if path else default_table_path(key)
-    if path.is_dir():
-        raise EdgeVitError(f"{path} is a folder; pass the path of a latency table file (.json)")
+    check_output_file(path, TABLE_KIND)   # a folder, a user's file or no write access: refused before profiling
     table = None
     if path.is_file():
         try:

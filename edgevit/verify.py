@@ -11,13 +11,19 @@ from edgevit.artifact import CompiledArtifact
 from edgevit.backend.runtime import Device, DeviceError, Session
 
 
+def check_runs_here(artifact: CompiledArtifact, device: Device) -> None:
+    """An artifact for another CPU architecture needs its device: say how to reach it."""
+    target = artifact.manifest.target
+    if device.rpc is None and target["device"] == "cpu" and target["arch"] != platform.machine():
+        raise DeviceError(f"the artifact is for {target['arch']}, this machine is {platform.machine()}; "
+                          "pass --rpc HOST:PORT --key KEY of a device (e.g. `edgevit emulator start`)")
+
+
 def verify(artifact: CompiledArtifact, rpc: str | None = None, key: str | None = None,
            timeout: float = 60.0) -> dict:
     target = artifact.manifest.target
     device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
-    if rpc is None and target["device"] == "cpu" and target["arch"] != platform.machine():
-        raise DeviceError(f"the artifact is for {target['arch']}, this machine is {platform.machine()}; "
-                          "pass --rpc HOST:PORT --key KEY of a device (e.g. `edgevit emulator start`)")
+    check_runs_here(artifact, device)
     inputs, reference = artifact.validation_set()
     batch = artifact.manifest.batch
     session = Session(device, artifact.library, artifact.weights)

@@ -8,8 +8,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from edgevit.errors import EdgeVitError
-from edgevit.fileio import file_sha256
+from edgevit.errors import EdgeVitError, OutputError
+from edgevit.fileio import file_sha256, writable_parent
 from edgevit.targets import Target
 
 RECORDS = "database_tuning_record.json"
@@ -30,8 +30,12 @@ def open_database(path: Path):
     from tvm.s_tir import meta_schedule as ms
 
     if path.exists() and not path.is_dir():
-        raise EdgeVitError(f"{path} is a file, not a tuning database folder; pass a folder to --database")
-    path.mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"{path} is a file, not a tuning database folder; pass a folder to --database")
+    writable_parent(path / RECORDS, "--database")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--database {path}: cannot create it ({e.strerror}); pass a writable folder") from None
     try:
         return ms.database.JSONDatabase(work_dir=str(path))
     except Exception as e:  # noqa: BLE001 - TVM raises its own error types on a damaged file

@@ -1,0 +1,220 @@
+"""`bench`: latency of a compiled artifact on its device (here, or over TVM RPC), as benchmark
+users expect it (trtexec, onnxruntime_perf_test, MLPerf): warm-up excluded, one sample per
+call timed on the device itself (TVM's time_evaluator with one call per repeat, so the device
+is synchronised every call and RPC round trips are not counted), percentiles only where there
+are enough samples to claim them (MLPerf: >= 64 for p90, >= 662 for p99), and an environment
+record saying what was measured where."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgevit.artifact import MANIFEST, CompiledArtifact
+from edgevit.backend.runtime import Device, Session
+from edgevit.fileio import read_artifact, write_json
+
+BENCH_KIND = "edgevit.bench_result"
+MIN_SAMPLES = {"p90": 64, "p95": 64, "p99": 662}   # MLPerf's early-stopping minimums
+HIGH_COV = 0.10                                     # a coefficient of variation above this is flagged
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    duration_s: float = 10.0    # timed seconds (after warm-up), at least ...
+    min_runs: int = 100         # ... this many calls
+    warmup_s: float = 2.0
+    max_runs: int = 100_000
+    data: str | None = None     # a data spec: also run the artifact over its test split for top-1
+
+    def __post_init__(self):
+        if not self.duration_s >= 0 or not self.warmup_s >= 0 or self.min_runs < 1 or self.max_runs < self.min_runs:
+            raise ValueError("duration and warm-up must be >= 0 s, min_runs >= 1 and max_runs >= min_runs")
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    artifact: str
+    latency_ms: dict            # n, min, mean, median, p90, p95, p99, max, std, cov (None where invalid)
+    validity: dict              # per percentile: valid, samples needed
+    throughput_ips: float       # images per second at the mean latency
+    batch: int
+    artifact_bytes: int
+    peak_rss_mb: float | None   # this process's peak resident memory (local runs only)
+    environment: dict
+    warnings: list[str]
+    accuracy: dict | None = None
+    config: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"kind": BENCH_KIND, "version": 1, **asdict(self)}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BenchResult":
+        d = read_artifact(path, BENCH_KIND, "write one with `edgevit bench`")
+        return cls(**{k: v for k, v in d.items() if k not in ("kind", "version")})
+
+    def markdown(self) -> str:
+        """A table for CI job summaries."""
+        lat = self.latency_ms
+        cell = (lambda k: f"{lat[k]:.3f}" if lat.get(k) is not None else "n/a (too few samples)")
+        rows = [("samples", str(lat["n"])), *[(k, cell(k)) for k in ("min", "mean", "median", "p90", "p95", "p99",
+                                                                      "max", "std")],
+                ("CoV", f"{lat['cov']:.1%}"), ("throughput", f"{self.throughput_ips:.1f} img/s"),
+                ("artifact", f"{self.artifact_bytes / 1e6:.2f} MB")]
+        if self.accuracy:
+            rows.append(("top-1", f"{self.accuracy['top1']:.2f}% on {self.accuracy['images']} {self.accuracy['data']}"))
+        env = self.environment
+        head = f"**{Path(self.artifact).name}** on {env.get('device')} ({env.get('cpu') or env.get('target')})"
+        lines = [head, "", "| metric | ms |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+        lines += [f"> warning: {w}" for w in self.warnings]
+        return "\n".join(lines) + "\n"
+
+
+def summarize(samples_ms: list[float]) -> tuple[dict, dict]:
+    """Statistics of per-call samples, and which percentiles their count can support."""
+    x = np.asarray(samples_ms, dtype=np.float64)
+    mean, std = float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else 0.0
+    stats = {"n": int(len(x)), "min": float(x.min()), "mean": mean, "median": float(np.median(x)),
+             "max": float(x.max()), "std": std, "cov": std / mean if mean else 0.0}
+    validity = {}
+    for name, need in MIN_SAMPLES.items():
+        ok = len(x) >= need
+        stats[name] = float(np.percentile(x, float(name[1:]))) if ok else None
+        validity[name] = {"valid": ok, "samples_needed": need}
+    return stats, validity
+
+
+def sample(session: Session, x: np.ndarray, cfg: BenchConfig, log: Log) -> list[float]:
+    """Per-call latencies (ms): warm-up calls first (not kept), then calls until both the duration
+    and the minimum count are reached, in chunks so the clock is checked as it runs."""
+    warm_end = time.perf_counter() + cfg.warmup_s
+    session.time_ms(x, number=1, repeat=1)
+    while time.perf_counter() < warm_end:
+        session.time_ms(x, number=1, repeat=1)
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < cfg.max_runs and (len(samples) < cfg.min_runs
+                                           or time.perf_counter() - start < cfg.duration_s):
+        chunk = min(64, cfg.max_runs - len(samples))
+        samples.extend(session.time_ms(x, number=1, repeat=chunk))
+    log(f"{len(samples)} calls in {time.perf_counter() - start:.1f} s after {cfg.warmup_s:g} s of warm-up")
+    return samples
+
+
+def bench(artifact: CompiledArtifact, cfg: BenchConfig = BenchConfig(), rpc: str | None = None,
+          key: str | None = None, timeout: float = 60.0, log: Log = print) -> BenchResult:
+    from edgevit.verify import check_runs_here
+
+    target = artifact.manifest.target
+    device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
+    check_runs_here(artifact, device)
+    session = Session(device, artifact.library, artifact.weights)
+    x, _ = artifact.reference()
+    stats, validity = summarize(sample(session, x, cfg, log))
+    warnings = [] if stats["cov"] <= HIGH_COV else [
+        f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
+        "varied; pin clocks, stop other work and measure again"]
+    warnings += [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
+                 for k, v in validity.items() if not v["valid"]]
+    batch = artifact.manifest.batch
+    return BenchResult(str(artifact.path), stats, validity, batch * 1e3 / stats["mean"], batch, artifact.bytes,
+                       _peak_rss_mb() if rpc is None else None, environment(artifact, device), warnings,
+                       accuracy_on(session, artifact, cfg.data, log) if cfg.data else None, asdict(cfg))
+
+
+def accuracy_on(session: Session, artifact: CompiledArtifact, spec: str, log: Log) -> dict:
+    """Top-1 of the compiled artifact itself over the test split of `spec` (whole batches)."""
+    from edgevit.data import batches, load_data
+
+    m = artifact.manifest
+    batch, size = m.batch, m.input_shape[-1]
+    data = load_data(spec, size)
+    mean, std = m.input.get("mean") or data.mean, m.input.get("std") or data.std
+    correct = seen = 0
+    for x, y in batches(data.test, mean, std, batch):
+        if len(x) < batch:
+            break
+        correct += int((session.run(x.numpy()).argmax(1) == y.numpy()).sum())
+        seen += len(y)
+    top1 = 100.0 * correct / max(seen, 1)
+    log(f"top-1 of the compiled artifact on {seen} {spec} test images: {top1:.2f}%")
+    return {"data": spec, "split": "test", "images": seen, "top1": top1}
+
+
+def environment(artifact: CompiledArtifact, device: Device) -> dict:
+    """What was measured where: enough to tell two benchmark results apart."""
+    from edgevit import __version__
+
+    versions = {"edgevit": __version__, "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        import tvm
+
+        versions["tvm"] = tvm.__version__
+    except ImportError:  # pragma: no cover - a device with only the runtime
+        pass
+    env = {"device": device.label, "target": artifact.manifest.target.get("name"),
+           "manifest_sha256": hashlib.sha256((artifact.path / MANIFEST).read_bytes()).hexdigest(),
+           "versions": versions}
+    if device.rpc is None:
+        env.update(host_environment())
+    return env
+
+
+def host_environment() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == (platform.processor() or platform.machine()):
+                cpu = value.strip()
+            if key.strip() in ("flags", "Features") and not flags:
+                wanted = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "fma", "neon", "asimd"}
+                flags = sorted(set(value.split()) & wanted)
+    except OSError:
+        pass
+    governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
+    mhz = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover
+        physical = None
+    return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": physical,
+            "threads": os.environ.get("TVM_NUM_THREADS") or physical or os.cpu_count(),
+            "governor": governor, "clock_mhz": round(int(mhz) / 1000) if mhz and mhz.isdigit() else None,
+            "arch": platform.machine(), "os": platform.platform()}
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024 if platform.system() != "Darwin" else kb / 2**20, 1)
+
+
+def default_out(artifact_dir: str | Path) -> Path:
+    path = Path(artifact_dir)
+    return path.with_name(path.name + ".bench.json")
