@@ -42,3 +42,60 @@ def test_accuracy_under_sparsity_reports_each_ratio(idx_dir):
     table = accuracy_under_sparsity(model, data, "test", [0.0, 0.5], data.mean, data.std)
     assert set(table) == {0.0, 0.5} and all(0 <= v <= 100 for v in table.values())
     assert model.block_ratios() == [[0.0, 0.0], [0.0, 0.0]]
+
+
+def test_adapt_resume_continues_an_interrupted_run_to_the_same_weights(idx_dir, tmp_path, monkeypatch):
+    """`edgevit adapt --resume` after a run killed in its second epoch ends with the weights of an
+    uninterrupted run (per-step configs, data order and optimizer state all continue). A resume
+    is keyed by the run's settings, epochs included (the lr schedule spans them): a resume with
+    other settings is refused, and an existing run is never restarted without --resume."""
+    import torch
+    from click.testing import CliRunner
+
+    import edgevit.train as train_mod
+    from edgevit.cli import cli
+
+    data = load_data(f"idx:{idx_dir}", 16)
+    torch.manual_seed(0)
+    train(create_model("swin_micro", num_classes=4), data, TrainConfig(epochs=1, batch_size=16, lr=2e-3, augment=False),
+          tmp_path / "dense", show_progress=False)
+    dense = str(tmp_path / "dense" / "model.pt")
+
+    def adapt_cli(out, *extra, epochs="3"):
+        return CliRunner().invoke(cli, ["adapt", "--checkpoint", dense, "--epochs", epochs, "--batch-size", "16",
+                                        "--out", str(tmp_path / out), *extra])
+
+    straight = adapt_cli("straight")
+    assert straight.exit_code == 0, straight.output
+
+    real_epoch = train_mod._train_epoch
+    epochs_run = []
+
+    def killed_in_second_epoch(*a, **k):
+        epochs_run.append(a[8])                  # _train_epoch's epoch argument
+        if epochs_run == [0, 1]:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **k)
+    monkeypatch.setattr(train_mod, "_train_epoch", killed_in_second_epoch)
+    killed = adapt_cli("resumed")
+    assert killed.exit_code == 130 and "--resume" in killed.output
+    last = Checkpoint.load(tmp_path / "resumed" / "last.pt")
+    assert last.train_state["epoch"] == 0 and last.stage == "adapt"
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+
+    again = adapt_cli("resumed")                                      # no --resume: refused, nothing lost
+    assert again.exit_code != 0 and "pass --resume" in again.output
+    other = adapt_cli("resumed", "--resume", epochs="4")              # other settings: refused
+    assert other.exit_code == 2 and "other model, data or training settings" in other.output
+    assert epochs_run == [0, 1]
+
+    resumed = adapt_cli("resumed", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert epochs_run == [0, 1, 1, 2]                                 # continued at epoch 1, not from 0
+    a = Checkpoint.load(tmp_path / "straight" / "model.pt")
+    b = Checkpoint.load(tmp_path / "resumed" / "model.pt")
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for k, v in a.state_dict.items():
+        assert torch.equal(v, b.state_dict[k]), k
+    assert a.metrics == b.metrics and b.stage == "adapt"
+    assert any(not torch.equal(v, Checkpoint.load(dense).state_dict[k]) for k, v in b.state_dict.items())

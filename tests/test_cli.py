@@ -107,3 +107,79 @@ def test_targets_lists_all(tmp_path):
     result = run("targets", "--json", str(tmp_path / "t.json"))
     assert "rasp4b" in result.output and "jetson-orin" in result.output
     assert {t["name"] for t in json.loads((tmp_path / "t.json").read_text())} >= {"host", "cuda-sm90"}
+
+
+def test_run_force_redoes_up_to_date_stages(idx_dir, tmp_path):
+    """--force retrains a stage that is up to date: the log says it runs (not "up to date") and
+    model.pt is written anew (a mark put into the up-to-date file survives a plain run, not --force)."""
+    import dataclasses
+
+    from edgevit.checkpoint import Checkpoint
+
+    out = tmp_path / "out"
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'stages = ["train"]\nout = "{out}"\n[data]\nspec = "idx:{idx_dir}"\n'
+                      '[model]\nname = "swin_micro"\n[train]\nepochs = 1\nbatch_size = 16\naugment = false\n')
+    first = run("run", str(recipe))
+    assert first.exit_code == 0, first.output
+    model_pt = out / "train" / "model.pt"
+    marked = Checkpoint.load(model_pt)
+    marked = dataclasses.replace(marked, metrics={**marked.metrics, "mark": 1})
+    marked.save(model_pt)
+    plain = run("run", str(recipe))
+    assert plain.exit_code == 0 and f"train: up to date ({model_pt})" in plain.output
+    assert Checkpoint.load(model_pt).metrics["mark"] == 1
+    before = model_pt.stat()
+    forced = run("run", str(recipe), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "up to date" not in forced.output
+    assert f"train: swin_micro -> {model_pt}" in forced.output and "train: val top-1" in forced.output
+    after = model_pt.stat()
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns)
+    redone = Checkpoint.load(model_pt)
+    assert "mark" not in redone.metrics and redone.stage == "train"
+    assert redone.metrics["test"]["top1"] == pytest.approx(marked.metrics["test"]["top1"])  # same seeded run
+
+
+@pytest.mark.parametrize("items, expected", [
+    (("img_size=32",), {"img_size": 32}),
+    (("drop_path=0.1", "lr=1e-3"), {"drop_path": 0.1, "lr": 0.001}),
+    (("depths=[2,2]",), {"depths": [2, 2]}),
+    (("num_heads=[1, 2, 4]", "window_size=4"), {"num_heads": [1, 2, 4], "window_size": 4}),
+    (("name=swin",), {"name": "swin"}),                       # not TOML: the text itself
+    (('name="quoted"',), {"name": "quoted"}),                  # a TOML string
+    (("flag=true",), {"flag": True}),
+    ((" img_size = 48 ",), {"img_size": 48}),                  # spaces around key and value
+    (("path=a=b",), {"path": "a=b"}),                          # only the first '=' splits
+    (("img_size=16", "img_size=32"), {"img_size": 32}),        # the last one wins
+    ((), {}),
+])
+def test_parse_sets_values(items, expected):
+    from edgevit.cli import _parse_sets
+
+    parsed = _parse_sets(items)
+    assert parsed == expected
+    assert all(type(parsed[k]) is type(v) for k, v in expected.items())
+
+
+def test_parse_sets_without_equals_is_a_one_line_error():
+    from edgevit.cli import _parse_sets
+    from edgevit.errors import EdgeVitError
+
+    with pytest.raises(EdgeVitError, match="--set 'img_size': expected key=value") as e:
+        _parse_sets(("img_size",))
+    assert "\n" not in str(e.value)
+    result = CliRunner().invoke(cli, ["flops", "--model", "swin_micro", "--set", "img_size"])
+    assert result.exit_code == e.value.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: {e.value}"
+
+
+def test_set_overrides_reach_the_model(tmp_path):
+    """--set parsed values build the model: a list for depths, an int for img_size."""
+    result = run("flops", "--model", "swin_micro", "--set", "img_size=32", "--set", "depths=[2,4]",
+                 "--json", str(tmp_path / "f.json"))
+    assert result.exit_code == 0, result.output
+    deeper = json.loads((tmp_path / "f.json").read_text())["dense_flops"]
+    result = run("flops", "--model", "swin_micro", "--set", "img_size=32", "--json", str(tmp_path / "g.json"))
+    assert deeper > json.loads((tmp_path / "g.json").read_text())["dense_flops"]

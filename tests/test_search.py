@@ -153,6 +153,26 @@ def test_table_predicts_product_of_units_and_round_trips(tmp_path, ckpt_path):
         LatencyTable.load(tmp_path / "bad.json")
 
 
+def best_fitting_uniform(ckpt, table, cfg: SearchConfig) -> tuple[float, float]:
+    """(ratio, val top-1) of the most accurate uniform config (one ratio on every knob, from the
+    config's levels) whose predicted latency fits the budget, scored as the search scores: an
+    AccuracyOracle on the same validation subset (val_images, seed)."""
+    from edgevit.search import AccuracyOracle
+
+    oracle = AccuracyOracle(ckpt, cfg.val_images, cfg.seed)
+    model = oracle.model
+    scored = []
+    for ratio in SparsityConfig.for_model(model).levels:
+        uniform = SparsityConfig.uniform(model, ratio)
+        assert set(uniform.ratios) == {ratio}
+        keep = keep_counts(model, uniform)
+        if table.predict(keep) <= cfg.budget_ms:
+            scored.append((oracle(uniform, keep), ratio))
+    assert scored, "no uniform config fits the budget: the comparison would be empty"
+    top1, ratio = max(scored)
+    return ratio, top1
+
+
 def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path, tmp_path):
     ckpt = Checkpoint.load(ckpt_path)
     model = ckpt.build_model()
@@ -163,6 +183,8 @@ def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path, tmp_path)
     a = search(ckpt, table, cfg, measure, None, log=lambda _: None)
     b = search(ckpt, table, cfg, measure, None, log=lambda _: None)
     assert a.sparsity == b.sparsity and a.val_top1 == b.val_top1
+    ratio, uniform_top1 = best_fitting_uniform(ckpt, table, cfg)
+    assert a.val_top1 >= uniform_top1, f"search {a.val_top1}% < uniform {ratio}: {uniform_top1}%"
     a.save(tmp_path / "result.json")
     assert SearchResult.load(tmp_path / "result.json") == a
     assert SparsityConfig.load(tmp_path / "result.json") == a.config
@@ -172,6 +194,44 @@ def test_search_is_feasible_deterministic_and_beats_uniform(ckpt_path, tmp_path)
     assert ratios == sorted(ratios[:1]) + sorted(ratios[1:])
     front = a.pareto
     assert all(x["val_top1"] < y["val_top1"] and x["predicted_ms"] <= y["predicted_ms"] for x, y in zip(front, front[1:]))
+
+
+def test_search_finetune_writes_the_finetuned_figure_and_checkpoint(ckpt_path, tmp_path, monkeypatch):
+    """`search --finetune 1` (CLI, a precomputed synthetic table, the device timing stubbed):
+    the result carries finetuned_test_top1, and the fine-tuned checkpoint beside it is a trained
+    copy of the model whose test top-1 under the chosen config is that figure."""
+    from edgevit.latency import Measurer, table_key
+    from edgevit.targets import load_target
+    from edgevit.train import evaluate
+
+    ckpt = Checkpoint.load(ckpt_path)
+    synthetic = synthetic_table(ckpt.build_model())
+    table = LatencyTable(table_key(ckpt, load_target("host"), 1, "rules"), synthetic.dense_ms, synthetic.deltas,
+                         synthetic.windows, synthetic.overhead_ms)
+    table.save(tmp_path / "table.json")
+    measured = []
+    monkeypatch.setattr(Measurer, "__call__", lambda self, block_ratios: measured.append(block_ratios) or 1.0)
+    out = tmp_path / "result.json"
+    r = CliRunner().invoke(cli, ["search", "--budget", "8ms", "--target", "host", "--checkpoint", str(ckpt_path),
+                                 "--table", str(tmp_path / "table.json"), "--no-tuning", "--evaluations", "6",
+                                 "--population", "6", "--val-images", "100", "--finetune", "1", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "profiling" not in r.output and len(measured) == 1      # the table was used, one candidate timed
+    saved = json.loads(out.read_text())
+    top1 = saved["finetuned_test_top1"]
+    assert isinstance(top1, float) and 0.0 <= top1 <= 100.0
+    assert f"({top1:.2f}% after fine-tuning)" in r.output
+    result = SearchResult.load(out)
+    assert result.finetuned_test_top1 == top1 and result.measured_ms == 1.0
+    assert not (tmp_path / "result.json.state.json").exists()
+
+    tuned = Checkpoint.load(tmp_path / "result-finetune" / "model.pt")
+    assert tuned.stage == "finetune" and tuned.model_name == ckpt.model_name
+    assert any(not torch.equal(v, tuned.state_dict[k]) for k, v in ckpt.state_dict.items())   # it was trained
+    model = tuned.build_model().eval()
+    model.set_sparsity(SparsityConfig.load(out))
+    data = load_data(ckpt.data["spec"], 32, ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
+    assert evaluate(model, data.test, ckpt.data["mean"], ckpt.data["std"])["top1"] == top1
 
 
 def test_small_population_still_reaches_every_feasible_network(ckpt_path):
