@@ -11,7 +11,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,9 @@ import numpy as np
 
 from edgevit.artifact import MANIFEST, CompiledArtifact
 from edgevit.backend.runtime import Device, Session
+from edgevit.errors import ConfigError
 from edgevit.fileio import read_artifact, write_json
+from edgevit.verify import check_runs_here
 
 BENCH_KIND = "edgevit.bench_result"
 MIN_SAMPLES = {"p90": 64, "p95": 64, "p99": 662}   # MLPerf's early-stopping minimums
@@ -53,6 +55,8 @@ class BenchResult:
     warnings: list[str]
     accuracy: dict | None = None
     config: dict | None = None
+    samples_ms: list[float] = field(default_factory=list, repr=False)   # every timed call, in order
+    gate: dict | None = None    # the verdict against a baseline or budget (bench --baseline/--against/--budget)
 
     def to_dict(self) -> dict:
         return {"kind": BENCH_KIND, "version": 1, **asdict(self)}
@@ -79,7 +83,20 @@ class BenchResult:
         head = f"**{Path(self.artifact).name}** on {env.get('device')} ({env.get('cpu') or env.get('target')})"
         lines = [head, "", "| metric | ms |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
         lines += [f"> warning: {w}" for w in self.warnings]
+        if self.gate is not None:
+            lines += ["", f"**gate: {'pass' if self.gate['pass'] else 'FAIL (' + ', '.join(self.gate['failures']) + ')'}**"]
+            lines += [f"- {name}: {describe_check(name, check)}" for name, check in self.gate["checks"].items()]
         return "\n".join(lines) + "\n"
+
+
+def describe_check(name: str, c: dict) -> str:
+    if name == "latency":
+        return (f"median x{c['ratio']:.3f} of the baseline, Mann-Whitney p = {c['p_value']:.2g} "
+                f"(regression: > x{c['factor']:g} and p < {c['alpha']:g})")
+    if name == "accuracy":
+        return f"top-1 {c['head']:.2f}% vs {c['baseline']:.2f}% (drop {c['drop']:+.2f}, allowed {c['max_drop']:g})"
+    value = "n/a (too few samples)" if c["value_ms"] is None else f"{c['value_ms']:.3f} ms"
+    return f"{c['stat']} {value} vs budget {c['limit_ms']:g} ms"
 
 
 def summarize(samples_ms: list[float]) -> tuple[dict, dict]:
@@ -115,23 +132,12 @@ def sample(session: Session, x: np.ndarray, cfg: BenchConfig, log: Log) -> list[
 
 def bench(artifact: CompiledArtifact, cfg: BenchConfig = BenchConfig(), rpc: str | None = None,
           key: str | None = None, timeout: float = 60.0, log: Log = print) -> BenchResult:
-    from edgevit.verify import check_runs_here
-
     target = artifact.manifest.target
     device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
     check_runs_here(artifact, device)
     session = Session(device, artifact.library, artifact.weights)
     x, _ = artifact.reference()
-    stats, validity = summarize(sample(session, x, cfg, log))
-    warnings = [] if stats["cov"] <= HIGH_COV else [
-        f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
-        "varied; pin clocks, stop other work and measure again"]
-    warnings += [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
-                 for k, v in validity.items() if not v["valid"]]
-    batch = artifact.manifest.batch
-    return BenchResult(str(artifact.path), stats, validity, batch * 1e3 / stats["mean"], batch, artifact.bytes,
-                       _peak_rss_mb() if rpc is None else None, environment(artifact, device), warnings,
-                       accuracy_on(session, artifact, cfg.data, log) if cfg.data else None, asdict(cfg))
+    return _result(artifact, sample(session, x, cfg, log), cfg, device, log, session)
 
 
 def accuracy_on(session: Session, artifact: CompiledArtifact, spec: str, log: Log) -> dict:
@@ -218,3 +224,133 @@ def _peak_rss_mb() -> float | None:
 def default_out(artifact_dir: str | Path) -> Path:
     path = Path(artifact_dir)
     return path.with_name(path.name + ".bench.json")
+
+
+# ---------------------------------------------------------------------------- the regression gate
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """When a head artifact fails against a baseline (asv's rule: slower by more than `factor`
+    AND significantly so, Mann-Whitney U p < `alpha`), loses accuracy, or misses a budget."""
+
+    factor: float = 1.10             # median latency ratio head / baseline that counts as a regression
+    alpha: float = 0.002             # significance of the one-sided Mann-Whitney U test
+    max_accuracy_drop: float = 0.5   # points of top-1 the head may lose against the baseline
+    budget: str | None = None        # e.g. "p90<=20ms"
+
+    def __post_init__(self):
+        if not self.factor >= 1.0 or not 0 < self.alpha < 1 or not self.max_accuracy_drop >= 0:
+            raise ValueError("factor must be >= 1, alpha in (0, 1) and max_accuracy_drop >= 0")
+        if self.budget is not None:
+            parse_latency_budget(self.budget)
+
+
+STATS = ("min", "mean", "median", "p90", "p95", "p99", "max")
+
+
+def parse_latency_budget(text: str) -> tuple[str, float]:
+    """'p90<=20ms' -> ('p90', 20.0): a statistic of the per-call latency and its limit in ms."""
+    import re
+
+    from edgevit.search import parse_budget
+
+    m = re.fullmatch(r"\s*(\w+)\s*<=?\s*(.+)", text)
+    if not m or m.group(1) not in STATS:
+        raise ConfigError(f"--budget '{text}' is not STAT<=LATENCY with STAT one of {', '.join(STATS)}; "
+                          "write e.g. p90<=20ms")
+    return m.group(1), parse_budget(m.group(2))
+
+
+def mann_whitney_p(head: list[float], base: list[float]) -> float:
+    """One-sided p-value that head's latencies are larger than base's (scipy's Mann-Whitney U)."""
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(head, base, alternative="greater").pvalue)
+
+
+def gate(head: BenchResult, base: BenchResult | None, cfg: GateConfig) -> dict:
+    """The verdict of `head` against `base` (None: the budget alone): each check with its
+    figures, and the failures in the order their exit codes rank (latency, accuracy, budget)."""
+    checks, failures = {}, []
+    if base is not None:
+        if not head.samples_ms or not base.samples_ms:
+            raise ConfigError("a bench result without per-call samples cannot be compared; measure it again")
+        ratio = head.latency_ms["median"] / base.latency_ms["median"]
+        p = mann_whitney_p(head.samples_ms, base.samples_ms)
+        slower = ratio > cfg.factor and p < cfg.alpha
+        checks["latency"] = {"ratio": ratio, "p_value": p, "factor": cfg.factor, "alpha": cfg.alpha,
+                             "regressed": slower}
+        if slower:
+            failures.append("latency")
+        if head.accuracy and base.accuracy:
+            drop = base.accuracy["top1"] - head.accuracy["top1"]
+            checks["accuracy"] = {"head": head.accuracy["top1"], "baseline": base.accuracy["top1"], "drop": drop,
+                                  "max_drop": cfg.max_accuracy_drop, "regressed": drop > cfg.max_accuracy_drop}
+            if drop > cfg.max_accuracy_drop:
+                failures.append("accuracy")
+    if cfg.budget is not None:
+        stat, limit = parse_latency_budget(cfg.budget)
+        value = head.latency_ms.get(stat)
+        checks["budget"] = {"stat": stat, "limit_ms": limit, "value_ms": value,
+                            "met": value is not None and value <= limit}
+        if not checks["budget"]["met"]:
+            failures.append("budget")
+    return {"checks": checks, "failures": failures, "pass": not failures}
+
+
+def bench_pair(head: CompiledArtifact, base: CompiledArtifact, cfg: BenchConfig = BenchConfig(),
+               rpc: str | None = None, key: str | None = None, timeout: float = 60.0,
+               log: Log = print) -> tuple[BenchResult, BenchResult]:
+    """Both artifacts measured in alternating chunks of calls in one run, so a machine that
+    slows down or speeds up mid-run moves both alike."""
+    sessions, inputs = [], []
+    for art in (head, base):
+        target = art.manifest.target
+        device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
+        check_runs_here(art, device)
+        sessions.append(Session(device, art.library, art.weights))
+        inputs.append(art.reference()[0])
+    warm_end = time.perf_counter() + cfg.warmup_s
+    while True:
+        for s, x in zip(sessions, inputs):
+            s.time_ms(x, number=1, repeat=1)
+        if time.perf_counter() >= warm_end:
+            break
+    samples: tuple[list[float], list[float]] = ([], [])
+    start = time.perf_counter()
+    while len(samples[0]) < cfg.max_runs and (len(samples[0]) < cfg.min_runs
+                                              or time.perf_counter() - start < cfg.duration_s):
+        for s, x, out in zip(sessions, inputs, samples):
+            out.extend(s.time_ms(x, number=1, repeat=16))
+    log(f"{len(samples[0])} calls each, interleaved in chunks of 16, in {time.perf_counter() - start:.1f} s")
+    return tuple(_result(art, s, cfg, sessions[i].device, log)      # type: ignore[return-value]
+                 for i, (art, s) in enumerate(zip((head, base), samples)))
+
+
+def _result(artifact: CompiledArtifact, samples: list[float], cfg: BenchConfig, device: Device, log: Log,
+            session: Session | None = None) -> BenchResult:
+    stats, validity = summarize(samples)
+    warnings = [] if stats["cov"] <= HIGH_COV else [
+        f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
+        "varied; pin clocks, stop other work and measure again"]
+    warnings += [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
+                 for k, v in validity.items() if not v["valid"]]
+    batch = artifact.manifest.batch
+    accuracy = None
+    if cfg.data:
+        accuracy = accuracy_on(session or Session(device, artifact.library, artifact.weights), artifact, cfg.data, log)
+    return BenchResult(str(artifact.path), stats, validity, batch * 1e3 / stats["mean"], batch, artifact.bytes,
+                       _peak_rss_mb() if device.rpc is None else None, environment(artifact, device), warnings,
+                       accuracy, asdict(cfg), [round(v, 6) for v in samples])
+
+
+def gate_error(result: BenchResult):
+    """The error (and exit code) of the first failed check, or None when the gate passes."""
+    from edgevit.errors import AccuracyRegression, BudgetMiss, LatencyRegression
+
+    if result.gate is None or result.gate["pass"]:
+        return None
+    first = result.gate["failures"][0]
+    error = {"latency": LatencyRegression, "accuracy": AccuracyRegression, "budget": BudgetMiss}[first]
+    return error(f"gate failed ({', '.join(result.gate['failures'])}): {describe_check(first, result.gate['checks'][first])}")

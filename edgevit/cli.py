@@ -497,22 +497,61 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
 @click.option("--min-runs", type=_count(), default=100, show_default=True, help="At least this many timed calls.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Warm-up seconds (not timed).")
 @click.option("--data", "spec", default=None, help="Also run the artifact over this data set's test split: top-1.")
+@click.option("--baseline", "baseline_path", type=click.Path(), default=None,
+              help="Gate: compare with a stored bench result JSON (latency, accuracy).")
+@click.option("--against", "against_dir", type=click.Path(), default=None,
+              help="Gate: measure this baseline artifact interleaved with ARTIFACT in one run (cancels drift).")
+@click.option("--factor", type=click.FloatRange(min=1.0), default=1.10, show_default=True,
+              help="Gate: median latency ratio counted as a regression (with p < --alpha).")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.002,
+              show_default=True, help="Gate: significance of the one-sided Mann-Whitney U test.")
+@click.option("--max-accuracy-drop", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Gate: top-1 points the artifact may lose against the baseline (needs --data).")
+@click.option("--budget", default=None, help='Gate: a latency budget such as "p90<=20ms".')
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for CI job summaries) instead of text.")
 @click.option("-o", "--out", "out_path", type=OutputFile("edgevit.bench_result"), default=None,
               help="Result JSON; default ARTIFACT.bench.json beside the artifact.")
-def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec, markdown, out_path) -> None:
-    """Measure an artifact's latency on its device: percentiles, throughput, size, environment."""
+def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec, baseline_path, against_dir, factor,
+              alpha, max_accuracy_drop, budget, markdown, out_path) -> None:
+    """Measure an artifact's latency on its device: percentiles, throughput, size, environment; with
+    --baseline/--against/--budget, gate it (exit 10 latency, 11 accuracy, 12 budget)."""
+    from dataclasses import replace
+
     from edgevit.artifact import CompiledArtifact
-    from edgevit.bench import BenchConfig, bench, default_out
+    from edgevit.bench import (
+        BenchConfig,
+        BenchResult,
+        GateConfig,
+        bench,
+        bench_pair,
+        default_out,
+        describe_check,
+        gate,
+        gate_error,
+    )
     from edgevit.fileio import check_output_file
 
     cfg = _config(BenchConfig, "bench", duration_s=duration, min_runs=min_runs, warmup_s=warmup, data=spec)
+    gate_cfg = _config(GateConfig, "bench", factor=factor, alpha=alpha, max_accuracy_drop=max_accuracy_drop,
+                       budget=budget)
+    if baseline_path and against_dir:
+        raise ConfigError("pass --baseline (a stored result) or --against (an artifact measured alongside), not both")
     out_path = out_path or str(check_output_file(default_out(artifact_dir), "edgevit.bench_result"))
+    baseline = BenchResult.load(baseline_path) if baseline_path else None
     artifact = CompiledArtifact.load(artifact_dir)
-    result = bench(artifact, cfg, rpc=rpc, key=key, timeout=timeout, log=lambda s: click.echo(s, err=markdown))
+    log = lambda s: click.echo(s, err=markdown)  # noqa: E731
+    if against_dir:
+        result, baseline = bench_pair(artifact, CompiledArtifact.load(against_dir), cfg, rpc, key, timeout, log)
+    else:
+        result = bench(artifact, cfg, rpc=rpc, key=key, timeout=timeout, log=log)
+    if baseline is not None or budget:
+        result = replace(result, gate=gate(result, baseline, gate_cfg))
     result.save(out_path)
+    failed = gate_error(result)
     if markdown:
         click.echo(result.markdown(), nl=False)
+        if failed:
+            raise failed
         return
     lat = result.latency_ms
     p = " ".join(f"{k} {lat[k]:.3f}" for k in ("p90", "p95", "p99") if lat[k] is not None)
@@ -522,6 +561,12 @@ def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec,
     for w in result.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"wrote {out_path}")
+    if result.gate is not None:
+        click.echo("gate: " + ("pass" if result.gate["pass"] else "FAIL"))
+        for name, check in result.gate["checks"].items():
+            click.echo(f"  {name}: {describe_check(name, check)}")
+    if failed:
+        raise failed
 
 
 @cli.command("package")

@@ -47,3 +47,21 @@ class InfeasibleBudget(EdgeVitError):
     """A latency budget no sparsity config of the model meets on the target."""
 
     exit_code = 7
+
+
+class LatencyRegression(EdgeVitError):
+    """`bench --baseline/--against`: the head artifact is slower, by more than the factor and significantly."""
+
+    exit_code = 10
+
+
+class AccuracyRegression(EdgeVitError):
+    """`bench --baseline/--against --data`: the head artifact lost more top-1 than allowed."""
+
+    exit_code = 11
+
+
+class BudgetMiss(EdgeVitError):
+    """`bench --budget`: the latency statistic is over the budget (or too few samples to claim it)."""
+
+    exit_code = 12

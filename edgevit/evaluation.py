@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgevit.fileio import write_json
 from edgevit.stages import StageRun
+
+EVAL_KIND, RESULTS = "edgevit.eval_result", "results.json"
 
 
 @dataclass(frozen=True)
@@ -44,4 +47,5 @@ def run_stage(run: StageRun) -> dict:
         cells = "  ".join(f"{k}: {v:.2f}%" for k, v in row.items())
         log_path = run.dir(stage) / "model.pt"
         run.log(f"eval ({cfg.split} top-1, {name} model {log_path}): {cells}")
+    write_json(run.dir("eval") / RESULTS, {"kind": EVAL_KIND, "version": 1, "split": cfg.split, **out})
     return out

@@ -305,6 +305,7 @@ class SearchResult:
     finetuned_test_top1: float | None = None
     table: dict = field(default_factory=dict)
     seed: int = 0
+    uniform: list[dict] = field(default_factory=list)   # uniform-ratio baseline: ratio, predicted_ms, val_top1
 
     def to_dict(self) -> dict:
         return {"kind": RESULT_KIND, "version": 1, **asdict(self)}
@@ -403,9 +404,23 @@ def _finish(ckpt, table, cfg, measure, oracle, seen, generations, start, log) ->
                                f"(closest {min(m['measured_ms'] for m in measured):.3f} ms); the latency table is off "
                                "for this device: profile again (`edgevit profile`) or raise the budget")
     cand, config, ms = chosen
+    evaluations = len(oracle.cache)   # before the uniform baseline is scored (it is not part of the search)
     return SearchResult(config.to_dict(), cfg.budget_ms, table.key["target"], cand.val_top1, oracle.test_top1(config),
-                        cand.predicted_ms, ms, pareto_front(seen), len(oracle.cache), generations,
-                        time.perf_counter() - start, measured, table=table.key, seed=cfg.seed)
+                        cand.predicted_ms, ms, pareto_front(seen), evaluations, generations,
+                        time.perf_counter() - start, measured, table=table.key, seed=cfg.seed,
+                        uniform=uniform_curve(table, oracle))
+
+
+def uniform_curve(table: LatencyTable, oracle: AccuracyOracle) -> list[dict]:
+    """The baseline a search must beat: every uniform ratio, its predicted latency and val top-1
+    (same validation subset as the search), for the report's accuracy-latency plot."""
+    base = SparsityConfig.for_model(oracle.model)
+    points = []
+    for r in base.levels:
+        config = SparsityConfig.uniform(oracle.model, r, base.levels)
+        keep = keep_counts(oracle.model, config)
+        points.append({"ratio": r, "predicted_ms": table.predict(keep), "val_top1": oracle(config, keep)})
+    return points
 
 
 def pareto_front(cands: list[Candidate]) -> list[dict]:

@@ -83,3 +83,60 @@ def test_bench_cli_writes_beside_the_artifact_and_refuses_a_foreign_file(artifac
     r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "notes.json")])
     assert r.exit_code == 1 and "not a bench result edgevit wrote" in r.stderr
     assert (tmp_path / "notes.json").read_text() == "not json"
+
+
+def fake_result(samples, top1=None) -> BenchResult:
+    from edgevit.bench import summarize
+
+    stats, validity = summarize(samples)
+    accuracy = {"top1": top1, "images": 100, "data": "digits", "split": "test"} if top1 is not None else None
+    return BenchResult("art", stats, validity, 1e3 / stats["mean"], 1, 1, None, {}, [], accuracy, None,
+                       list(samples))
+
+
+def test_gate_flags_a_slower_artifact_and_passes_a_same_one():
+    from edgevit.bench import GateConfig, gate
+
+    rng = np.random.default_rng(0)
+    base = fake_result(rng.lognormal(np.log(2.0), 0.03, 300).tolist(), top1=90.0)
+    same = fake_result(rng.lognormal(np.log(2.0), 0.03, 300).tolist(), top1=89.8)
+    slower = fake_result(rng.lognormal(np.log(2.3), 0.03, 300).tolist(), top1=88.0)
+    verdict = gate(same, base, GateConfig())
+    assert verdict["pass"] and verdict["checks"]["latency"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    verdict = gate(slower, base, GateConfig())
+    assert verdict["failures"] == ["latency", "accuracy"]
+    assert verdict["checks"]["latency"]["p_value"] < 1e-6 and verdict["checks"]["accuracy"]["drop"] == 2.0
+    # significant but under the factor: no regression (asv's rule needs both)
+    assert gate(slower, base, GateConfig(factor=1.2, max_accuracy_drop=5))["pass"]
+
+
+def test_gate_budget_needs_enough_samples_to_claim_the_statistic():
+    from edgevit.bench import GateConfig, gate, parse_latency_budget
+    from edgevit.errors import ConfigError
+
+    assert parse_latency_budget("p90<=20ms") == ("p90", 20.0) and parse_latency_budget("median < 500us")[1] == 0.5
+    with pytest.raises(ConfigError, match="STAT<=LATENCY"):
+        parse_latency_budget("p42<=1ms")
+    fast = fake_result([1.0] * 100)
+    assert gate(fast, None, GateConfig(budget="p90<=2ms"))["pass"]
+    miss = gate(fast, None, GateConfig(budget="p99<=2ms"))     # 100 samples cannot claim a p99
+    assert miss["failures"] == ["budget"] and miss["checks"]["budget"]["value_ms"] is None
+
+
+def test_bench_gate_exit_codes(artifact, tmp_path):
+    art, _ = artifact
+    args = ["bench", str(art.path), "--duration", "0", "--min-runs", "64", "--warmup", "0"]
+    r = CliRunner().invoke(cli, [*args, "--against", str(art.path), "-o", str(tmp_path / "ab.json")])
+    assert r.exit_code == 0, r.output
+    gate = json.loads((tmp_path / "ab.json").read_text())["gate"]
+    assert gate["pass"] and 0.7 < gate["checks"]["latency"]["ratio"] < 1.3
+    r = CliRunner().invoke(cli, [*args, "--budget", "median<=1us", "-o", str(tmp_path / "b.json")])
+    assert r.exit_code == 12 and r.stderr.startswith("error: gate failed (budget)")
+    assert json.loads((tmp_path / "b.json").read_text())["gate"]["failures"] == ["budget"]
+    # a stored baseline three times faster than anything this artifact can do: a latency regression
+    base = json.loads((tmp_path / "ab.json").read_text())
+    base["samples_ms"] = [v / 3 for v in base["samples_ms"]]
+    base["latency_ms"]["median"] /= 3
+    (tmp_path / "fast.json").write_text(json.dumps(base))
+    r = CliRunner().invoke(cli, [*args, "--baseline", str(tmp_path / "fast.json"), "-o", str(tmp_path / "c.json")])
+    assert r.exit_code == 10 and "gate failed (latency)" in r.stderr and len(r.stderr.strip().splitlines()) == 1
