@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Debian packages: Fashion-MNIST, the aarch64 cross compiler and qemu (for the emulated board).
-DEBS := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user
+# Debian packages: Fashion-MNIST, the aarch64 cross compiler and qemu (for the emulated board),
+# chromium (the report test opens the HTML page in a real browser).
+DEBS := dataset-fashion-mnist gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user chromium
 system-deps:
 	@if dpkg -s $(DEBS) >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBS) >/dev/null; \

@@ -69,6 +69,7 @@ class Manifest:
     compile_seconds: float = 0.0
     config: dict = field(default_factory=dict)      # the CompileConfig
     versions: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)      # checkpoint: sha256 of the model it was made from
     kind: str = ARTIFACT_KIND
     version: int = 1
 

@@ -19,8 +19,9 @@ import numpy as np
 
 from edgevit.artifact import MANIFEST, CompiledArtifact
 from edgevit.backend.runtime import Device, Session
-from edgevit.errors import ConfigError
+from edgevit.errors import ConfigError, EdgeVitError
 from edgevit.fileio import read_artifact, write_json
+from edgevit.stages import StageRun
 from edgevit.verify import check_runs_here
 
 BENCH_KIND = "edgevit.bench_result"
@@ -354,3 +355,61 @@ def gate_error(result: BenchResult):
     first = result.gate["failures"][0]
     error = {"latency": LatencyRegression, "accuracy": AccuracyRegression, "budget": BudgetMiss}[first]
     return error(f"gate failed ({', '.join(result.gate['failures'])}): {describe_check(first, result.gate['checks'][first])}")
+
+
+# ---------------------------------------------------------------------------- the recipe stage
+
+
+@dataclass(frozen=True)
+class BenchStageConfig:
+    """The recipe's [bench] table: every artifact [compile] made that runs here is measured."""
+
+    duration_s: float = 5.0
+    min_runs: int = 100
+    warmup_s: float = 1.0
+    accuracy: bool = True        # also run each artifact over the recipe data's test split
+
+    def __post_init__(self):
+        BenchConfig(duration_s=self.duration_s, min_runs=self.min_runs, warmup_s=self.warmup_s)
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `bench` recipe stage: OUT/bench/<target>.json per compiled artifact that runs on this
+    machine (others are named with the command that measures them on their device); a result
+    measured from the same artifact is kept unless --force."""
+    cfg = run.config("bench")
+    settings = BenchConfig(duration_s=cfg.duration_s, min_runs=cfg.min_runs, warmup_s=cfg.warmup_s,
+                           data=run.recipe.data.spec if cfg.accuracy else None)
+    out = {}
+    for folder in sorted(p for p in run.dir("compile").glob("*") if (p / MANIFEST).is_file()):
+        artifact, path = CompiledArtifact.load(folder), run.dir("bench") / f"{folder.name}.json"
+        if not _runs_here(artifact):
+            run.log(f"bench {folder.name}: not this machine's; on the device: edgevit bench {folder} --rpc HOST:PORT")
+            continue
+        if not run.force and _measured_from(path, artifact):
+            run.log(f"bench {folder.name}: up to date ({path})")
+            result = BenchResult.load(path)
+        else:
+            result = bench(artifact, settings, log=run.log)
+            result.save(path)
+        lat = result.latency_ms
+        run.log(f"bench {folder.name}: median {lat['median']:.3f} ms, p90 "
+                f"{'n/a' if lat['p90'] is None else format(lat['p90'], '.3f')} ms over {lat['n']} calls"
+                + (f", compiled top-1 {result.accuracy['top1']:.2f}%" if result.accuracy else "") + f" -> {path}")
+        out[folder.name] = {"result": str(path), "median_ms": lat["median"], "p90_ms": lat["p90"],
+                            "top1": result.accuracy["top1"] if result.accuracy else None}
+    return out
+
+
+def _runs_here(artifact: CompiledArtifact) -> bool:
+    target = artifact.manifest.target
+    return target["device"] == "cpu" and target["arch"] == platform.machine()
+
+
+def _measured_from(path: Path, artifact: CompiledArtifact) -> bool:
+    try:
+        previous = BenchResult.load(path)
+    except EdgeVitError:
+        return False
+    return previous.environment.get("manifest_sha256") == hashlib.sha256(
+        (artifact.path / MANIFEST).read_bytes()).hexdigest()

@@ -58,6 +58,17 @@ class Checkpoint:
             torch.save(payload, tmp)
         return path
 
+    def digest(self) -> str:
+        """sha256 of what decides the model's outputs (name, config, weights): artifacts record it,
+        so a stage can tell whether an artifact was made from this checkpoint."""
+        import hashlib
+
+        h = hashlib.sha256(json.dumps([self.model_name, self.model_config], sort_keys=True, default=str).encode())
+        for name in sorted(self.state_dict):
+            h.update(name.encode())
+            h.update(self.state_dict[name].detach().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()
+
     def without_train_state(self) -> "Checkpoint":
         return replace(self, train_state=None)
 

@@ -334,14 +334,17 @@ def targets_cmd(json_path) -> None:
 
 @cli.command("compile")
 @click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint to compile.")
+@click.option("--checkpoint", "ckpt_path", default=None, type=click.Path(),
+              help="Checkpoint to compile; default: the latest `edgevit run` here (.edgevit.json).")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
-@click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
+@click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio; "
+              "default with the run's checkpoint: its latest search result.")
 @click.option("--batch", type=_count(), default=1, show_default=True)
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
+              help="Artifact folder to write; default with the run's checkpoint: OUT/compile/<target>.")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, database, no_tuning, out_dir,
                 json_path) -> None:
@@ -353,6 +356,10 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     cfg = _config(CompileConfig, "compile", batch=batch, validate=not no_validate, tuning=not no_tuning,
                   database=database)
     target = load_target(target_name)
+    if ckpt_path is None:
+        ckpt_path, sparsity, out_dir = _compile_inputs_from_project(target.name, sparsity, out_dir)
+    elif out_dir is None:
+        raise ConfigError("compile: pass -o DIR, the artifact folder to write")
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)
@@ -362,6 +369,18 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m.compile_seconds,
                             "bytes": artifact.bytes, "validation": m.validation, "sparsity": m.sparsity,
                             "tolerance": m.tolerance.__dict__})
+
+
+def _compile_inputs_from_project(target: str, sparsity: str | None, out_dir: str | None):
+    """(checkpoint, sparsity, out) of the latest run here, said out loud."""
+    from edgevit.project import PROJECT_FILE, project_or_fail
+
+    project = project_or_fail("--checkpoint")
+    sparsity = sparsity or project.search
+    out_dir = out_dir or str(Path(project.out) / "compile" / target)
+    click.echo(f"from {PROJECT_FILE} (the run of {project.recipe}): checkpoint {project.checkpoint}, sparsity "
+               f"{sparsity or 'dense'}, output {out_dir}")
+    return project.checkpoint, sparsity, out_dir
 
 
 @cli.command("tune")
@@ -426,10 +445,12 @@ def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n,
 
 @cli.command("search")
 @click.option("--budget", required=True, help="Latency budget on the target: 20ms, 500us.")
-@click.option("--target", "target_name", required=True, help="Target name, alias or .toml path (see `edgevit targets`).")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Sparsity-adapted checkpoint.")
+@click.option("--target", "target_name", default=None,
+              help="Target name, alias or .toml path (see `edgevit targets`); default: the latest run's.")
+@click.option("--checkpoint", "ckpt_path", default=None, type=click.Path(),
+              help="Sparsity-adapted checkpoint; default: the latest `edgevit run` here (.edgevit.json).")
 @click.option("--table", "table_path", default=None, type=OutputFile("edgevit.latency_table"),
-              help="Latency table; default: the target's, profiled now if missing.")
+              help="Latency table; default: the run's (same target) or the target's, profiled now if missing.")
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="TVM RPC tracker of the device; default: here.")
 @click.option("--key", default=None, help="Tracker key; default: the target's rpc_key.")
 @click.option("--evaluations", type=_count(), default=500, show_default=True, help="Distinct accuracy evaluations.")
@@ -438,8 +459,8 @@ def profile_cmd(target_name, ckpt_path, model_name, batch, rpc, key, validate_n,
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--finetune", "finetune_epochs", type=_count(0), default=0, help="Fine-tune the chosen config for N epochs.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
-@click.option("-o", "--out", "out_path", required=True, type=OutputFile("edgevit.search_result"),
-              help="SearchResult JSON to write.")
+@click.option("-o", "--out", "out_path", default=None, type=OutputFile("edgevit.search_result"),
+              help="SearchResult JSON to write; default with the run's checkpoint: OUT/search/result-BUDGET.json.")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations, population, val_images, seed,
                finetune_epochs, no_tuning, out_path, json_path) -> None:
@@ -451,10 +472,20 @@ def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations
     parse_budget(budget)   # the option's own message for a bad budget
     cfg = _config(SearchConfig, "search", budget=budget, population=population, evaluations=evaluations,
                   val_images=val_images, seed=seed, finetune=finetune_epochs, tuning=not no_tuning)
+    project = None
+    if ckpt_path is None:
+        ckpt_path, target_name, table_path, out_path, project = _search_inputs_from_project(
+            budget, target_name, table_path, out_path)
+    elif target_name is None or out_path is None:
+        raise ConfigError("search: with --checkpoint, pass --target T and -o RESULT.json too")
     target = load_target(target_name)
     ckpt = Checkpoint.load(ckpt_path)
     _sparsity_from(ckpt.build_model(), "0.0")
     result = run_search(ckpt, target, cfg, out_path, table_path, _device(target, rpc, key), log=click.echo)
+    if project is not None:
+        from dataclasses import replace
+
+        replace(project, search=str(out_path)).save()   # `edgevit compile --target T` takes it next
     click.echo(f"chosen {result.sparsity['ratios']}: val top-1 {result.val_top1:.2f}%, test top-1 "
                f"{result.test_top1:.2f}%" + (f" ({result.finetuned_test_top1:.2f}% after fine-tuning)"
                                                if result.finetuned_test_top1 is not None else "")
@@ -464,6 +495,24 @@ def search_cmd(budget, target_name, ckpt_path, table_path, rpc, key, evaluations
         f"{p['predicted_ms']:.3f}/{p['val_top1']:.2f}" for p in result.pareto))
     click.echo(f"wrote {out_path} (compile it: edgevit compile --sparsity {out_path} ...)")
     _write_json(json_path, result.to_dict())
+
+
+def _search_inputs_from_project(budget: str, target: str | None, table: str | None, out: str | None):
+    """(checkpoint, target, table, out, project) of the latest run here, said out loud."""
+    from edgevit.fileio import check_output_file
+    from edgevit.project import PROJECT_FILE, project_or_fail
+    from edgevit.targets import load_target
+
+    project = project_or_fail("--checkpoint")
+    target = target or project.target
+    if table is None and project.table and load_target(target).name == load_target(project.target).name:
+        table = project.table
+    if out is None:
+        name = "".join(c if c.isalnum() or c in ".-" else "_" for c in budget.strip())
+        out = str(check_output_file(Path(project.out) / "search" / f"result-{name}.json", "edgevit.search_result"))
+    click.echo(f"from {PROJECT_FILE} (the run of {project.recipe}): checkpoint {project.checkpoint}, target "
+               f"{target}, table {table or 'profiled now'}, output {out}")
+    return project.checkpoint, target, table, out, project
 
 
 @cli.command("verify")
@@ -582,6 +631,24 @@ def package_cmd(artifact_dir, out_dir, json_path) -> None:
     click.echo(f"bundle {out_dir}: {result['total_bytes'] / 1e6:.2f} MB "
                f"({', '.join(f'{k} {v / 1e3:.0f} kB' for k, v in result['files'].items())})")
     _write_json(json_path, result)
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(), help="Report folder to write.")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
+def report_cmd(run_dir, out_dir, json_path) -> None:
+    """Report on a run folder: Markdown tables, JSON figures, plots and one self-contained HTML page."""
+    from edgevit.report import INDEX, report
+
+    result = report(run_dir, out_dir)
+    click.echo(f"report of {run_dir}: {len(result.models)} models, {len(result.targets)} targets, plots: "
+               f"{', '.join(result.plots()) or 'none'} -> {Path(out_dir) / INDEX}")
+    if result.missing:
+        click.echo("missing: " + ", ".join(m["path"] for m in result.missing))
+    for p in result.problems:
+        click.echo(f"warning: unreadable {p['path']}: {p['error']}")
+    _write_json(json_path, result.to_dict())
 
 
 @cli.group("emulator")

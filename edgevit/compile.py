@@ -30,6 +30,7 @@ from edgevit.checkpoint import Checkpoint, library_versions
 from edgevit.errors import ConfigError, DataError
 from edgevit.fileio import file_sha256, publish_dir
 from edgevit.sparsity import SparsityConfig
+from edgevit.stages import StageRun
 from edgevit.targets import Target
 
 VALIDATION_BYTES = 16 << 20        # validation.npz holds as many whole batches as fit
@@ -187,10 +188,87 @@ def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, fo
         encoding=cfg.encoding, tolerance=cfg.tolerance,
         reference={"source": source, "output_sha256": hashlib.sha256(reference.tobytes()).hexdigest()},
         files={name: file_sha256(folder / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
-        compile_seconds=round(seconds, 2), config=asdict(cfg),
+        compile_seconds=round(seconds, 2), config=asdict(cfg), inputs={"checkpoint": ckpt.digest()},
         versions={**library_versions(), "tvm": tvm_version()})
 
 
 def model_input_shape(model) -> tuple[int, int, int]:
     c = model.cfg
     return (c.in_chans, c.img_size, c.img_size)
+
+
+# ---------------------------------------------------------------------------- the recipe stage
+
+
+@dataclass(frozen=True)
+class CompileStageConfig:
+    """The recipe's [compile] table: which targets, and the model under which sparsity."""
+
+    targets: tuple[str, ...] = ("host",)
+    sparsity: str = "search"     # "search": the search stage's result when there is one, else dense;
+    batch: int = 1               # "dense"; or one uniform ratio such as "0.5"
+    images: int = 64
+    tuning: bool = True
+
+    def __post_init__(self):
+        from edgevit.targets import load_target
+
+        if not self.targets:
+            raise ValueError("targets must name at least one target (see `edgevit targets`)")
+        for name in self.targets:
+            try:
+                load_target(name)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
+        if self.sparsity not in ("search", "dense"):
+            try:
+                ratio = float(self.sparsity)
+            except ValueError:
+                raise ValueError(f"sparsity '{self.sparsity}' must be 'search', 'dense' or a ratio like '0.5'") from None
+            if not 0 <= ratio < 1:
+                raise ValueError(f"sparsity ratio {ratio} must be in [0, 1)")
+        CompileConfig(batch=self.batch, images=self.images)
+
+
+def stage_sparsity(run: StageRun, model, choice: str) -> SparsityConfig | None:
+    """The sparsity config [compile].sparsity names for the deployed model."""
+    result = run.dir("search") / "result.json"
+    if choice == "search" and result.exists():
+        return SparsityConfig.load(result)
+    if choice in ("search", "dense") or not hasattr(model, "set_block_ratios"):
+        return None
+    return SparsityConfig.uniform(model, float(choice))
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `compile` recipe stage: OUT/compile/<target>/ per target, skipped when the artifact there
+    was made from this checkpoint, sparsity and settings."""
+    from edgevit.targets import load_target
+
+    cfg = run.config("compile")
+    ckpt = run.deployed_checkpoint()
+    sparsity = stage_sparsity(run, ckpt.build_model(), cfg.sparsity)
+    settings = CompileConfig(batch=cfg.batch, images=cfg.images, tuning=cfg.tuning)
+    out = {}
+    for name in cfg.targets:
+        target, folder = load_target(name), run.dir("compile") / name
+        if not run.force and _artifact_up_to_date(folder, ckpt, sparsity, settings):
+            run.log(f"compile {target.name}: up to date ({folder})")
+        else:
+            run.log(f"compile {target.name}: {ckpt.model_name} sparsity "
+                    f"{list(sparsity.ratios) if sparsity else 'dense'} -> {folder}")
+            compile_model(ckpt, target, folder, sparsity, settings, log=run.log)
+        art = CompiledArtifact.load(folder)
+        out[target.name] = {"artifact": str(folder), "bytes": art.bytes, "validation": art.manifest.validation}
+    return out
+
+
+def _artifact_up_to_date(folder: Path, ckpt: Checkpoint, sparsity, cfg: CompileConfig) -> bool:
+    from edgevit.errors import EdgeVitError
+
+    try:
+        m = CompiledArtifact.load(folder).manifest
+    except EdgeVitError:
+        return False
+    return (m.inputs.get("checkpoint") == ckpt.digest() and m.config == asdict(cfg)
+            and m.sparsity == (sparsity.to_dict() if sparsity is not None else None))

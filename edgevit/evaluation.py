@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgevit.fileio import write_json
+from edgevit.sparsity import DEFAULT_LEVELS
 from edgevit.stages import StageRun
 
 EVAL_KIND, RESULTS = "edgevit.eval_result", "results.json"
@@ -21,8 +22,8 @@ class EvalConfig:
         if self.split not in ("val", "test"):
             raise ValueError(f"split '{self.split}' must be 'val' or 'test'")
         for r in self.ratios:
-            if not 0.0 <= r < 1.0:
-                raise ValueError(f"ratio {r} must be in [0, 1)")
+            if not any(abs(r - level) < 1e-9 for level in DEFAULT_LEVELS):
+                raise ValueError(f"ratio {r} is not one of the sparsity levels {list(DEFAULT_LEVELS)}")
 
 
 def run_stage(run: StageRun) -> dict:

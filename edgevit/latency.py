@@ -409,7 +409,7 @@ def ensure_table(ckpt: Checkpoint, target: Target, device: Device | None, cfg: P
         partial.unlink(missing_ok=True)   # the measurements live in the table now
         log(f"wrote latency table {path}: dense {table.dense_ms:.3f} ms, calibrated overhead "
             f"{table.overhead_ms:+.3f} ms")
-    if cfg.validate:
+    if cfg.validate and (table.validation or {}).get("configs") != cfg.validate:
         partial = path.with_name(path.name + ".validate.partial")
         table = replace(table, validation=validate(table, ckpt, target, cfg.validate, device, cfg, log, partial))
         table.save(path)

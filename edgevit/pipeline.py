@@ -28,4 +28,13 @@ def run_recipe(recipe: Recipe, log: Log = print, force: bool = False) -> dict:
     results: dict = {"recipe": str(recipe.path), "name": recipe.name}
     for stage in recipe.stages:
         results[stage] = get_stage(stage).runner()(run)
+        _keep_project(recipe, log)
     return results
+
+
+def _keep_project(recipe: Recipe, log: Log) -> None:
+    """The project file the short commands read (`edgevit search --budget 20ms` after a run)."""
+    from edgevit.project import PROJECT_FILE, record_run
+
+    if not record_run(recipe).save():
+        log(f"{PROJECT_FILE} here is not edgevit's project file; left as it is")

@@ -306,6 +306,7 @@ class SearchResult:
     table: dict = field(default_factory=dict)
     seed: int = 0
     uniform: list[dict] = field(default_factory=list)   # uniform-ratio baseline: ratio, predicted_ms, val_top1
+    inputs: dict = field(default_factory=dict)          # checkpoint digest, table and settings it was made from
 
     def to_dict(self) -> dict:
         return {"kind": RESULT_KIND, "version": 1, **asdict(self)}
@@ -486,9 +487,15 @@ def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path
     result = search(ckpt, table, cfg, lambda config: measurer(config.per_stage()), state, log)
     if cfg.finetune:
         result = _finetune(ckpt, result, cfg.finetune, out_path, log)
+    result = replace(result, inputs=search_inputs(ckpt, table, cfg))
     result.save(out_path)
     state.unlink(missing_ok=True)
     return result
+
+
+def search_inputs(ckpt: Checkpoint, table: LatencyTable, cfg: SearchConfig) -> dict:
+    """What decides a search's answer: the model, the latency table and the settings."""
+    return {"checkpoint": ckpt.digest(), "table": _settings_digest(cfg, table), "config": asdict(cfg)}
 
 
 def _finetune(ckpt: Checkpoint, result: SearchResult, epochs: int, out_path: Path, log: Log) -> SearchResult:
@@ -519,8 +526,25 @@ def run_stage(run: StageRun) -> dict:
     cfg, target = run.config("search"), load_target(run.config("profile").target)
     out = run.dir("search") / "result.json"
     table = run.dir("profile") / "latency.json"
-    result = run_search(run.deployed_checkpoint(), target, cfg, out, table if table.exists() else None, log=run.log)
+    ckpt = run.deployed_checkpoint()
+    result = _up_to_date_result(out, ckpt, table, cfg) if not run.force else None
+    if result is not None:
+        run.log(f"search: up to date ({out})")
+    else:
+        result = run_search(ckpt, target, cfg, out, table if table.exists() else None, log=run.log)
     run.log(f"search: {result.sparsity['ratios']} val {result.val_top1:.2f}% test {result.test_top1:.2f}%, measured "
             f"{result.measured_ms:.3f} ms within {result.budget_ms:g} ms -> {out}")
     return {"result": str(out), "ratios": result.sparsity["ratios"], "test_top1": result.test_top1,
             "measured_ms": result.measured_ms, "predicted_ms": result.predicted_ms}
+
+
+def _up_to_date_result(path: Path, ckpt: Checkpoint, table_path: Path, cfg: SearchConfig) -> SearchResult | None:
+    """The stored result when it was made from this checkpoint, table and settings."""
+    if not path.is_file() or not table_path.is_file():
+        return None
+    try:
+        result = SearchResult.load(path)
+        table = LatencyTable.load(table_path)
+    except EdgeVitError:
+        return None
+    return result if result.inputs == json.loads(json.dumps(search_inputs(ckpt, table, cfg))) else None

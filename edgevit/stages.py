@@ -52,6 +52,15 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", "per-layer sparsity under a latency budget on [profile]'s target",
           "edgevit.search:SearchConfig", "edgevit.search:run_stage",
           ("adapt/model.pt or train/model.pt", "profile/latency.json"), ("search/result.json",)),
+    Stage("compile", "artifacts of the adapted (else trained) model, under the searched sparsity, per target",
+          "edgevit.compile:CompileStageConfig", "edgevit.compile:run_stage",
+          ("adapt/model.pt or train/model.pt", "search/result.json"), ("compile/<target>/",)),
+    Stage("bench", "latency (and the compiled artifact's own top-1) of every artifact that runs here",
+          "edgevit.bench:BenchStageConfig", "edgevit.bench:run_stage", ("compile/<target>/",),
+          ("bench/<target>.json",)),
+    Stage("report", "accuracy-latency report of everything the run holds: Markdown, JSON, plots, one HTML page",
+          "edgevit.report:ReportStageConfig", "edgevit.report:run_stage", ("the run folder",),
+          ("report/index.html", "report/report.md", "report/report.json")),
 )
 
 
@@ -169,7 +178,7 @@ def reference_markdown() -> str:
     for s in STAGES:
         lines.append(f"| `{s.name}` | {s.summary} | {', '.join(s.inputs) or '-'} | {', '.join(s.outputs) or '-'} |")
     for s in STAGES:
-        keys = ", ".join(f"`{k} = {v}`" for k, v in config_rows(s.config_class()))
+        keys = ", ".join(f"`{k} = {v}`" for k, v in config_rows(s.config_class())) or "(no settings)"
         lines.append("")
         lines.append(f"`[{s.name}]`: {keys}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,73 @@
+"""The project file `edgevit run` keeps in the folder it runs in (.edgevit.json): what the latest
+run made (its checkpoint, target, latency table, search result), so the short commands of the
+design work as typed there: `edgevit search --budget 20ms`, `edgevit compile --target jetson`
+take what they are not told from it, and say what they took."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgevit.errors import ConfigError
+from edgevit.fileio import write_json
+
+PROJECT_FILE = ".edgevit.json"
+PROJECT_KIND = "edgevit.project"
+
+
+@dataclass(frozen=True)
+class Project:
+    recipe: str
+    out: str
+    checkpoint: str | None      # the model later stages work on (adapted, else trained)
+    target: str                 # [profile]'s target
+    table: str | None           # OUT/profile/latency.json
+    search: str | None          # OUT/search/result.json
+
+    def save(self, folder: Path | None = None) -> bool:
+        """Write the project file unless something else of that name is there (never replaced)."""
+        path = (folder or Path.cwd()) / PROJECT_FILE
+        if path.exists() and _kind(path) != PROJECT_KIND:
+            return False
+        write_json(path, {"kind": PROJECT_KIND, "version": 1, **asdict(self)})
+        return True
+
+
+def record_run(recipe) -> Project:
+    """The project as the run's folder now holds it."""
+    out = Path(recipe.out)
+    adapted, trained = out / "adapt" / "model.pt", out / "train" / "model.pt"
+    checkpoint = adapted if adapted.exists() else trained if trained.exists() else None
+    table, result = out / "profile" / "latency.json", out / "search" / "result.json"
+    return Project(str(recipe.path), str(out), str(checkpoint) if checkpoint else None,
+                   recipe.sections["profile"].target, str(table) if table.exists() else None,
+                   str(result) if result.exists() else None)
+
+
+def load_project(folder: Path | None = None) -> Project | None:
+    path = (folder or Path.cwd()) / PROJECT_FILE
+    if _kind(path) != PROJECT_KIND:
+        return None
+    data = json.loads(path.read_text())
+    try:
+        return Project(**{k: data.get(k) for k in Project.__dataclass_fields__})
+    except TypeError:
+        return None
+
+
+def project_or_fail(missing: str) -> Project:
+    """The project, or the one-line error saying what to pass or run first."""
+    project = load_project()
+    if project is None or project.checkpoint is None or not Path(project.checkpoint).exists():
+        raise ConfigError(f"no {missing} given and no run in this folder to take it from ({PROJECT_FILE}); "
+                          f"run `make demo` or `edgevit run RECIPE` first, or pass {missing}")
+    return project
+
+
+def _kind(path: Path) -> str | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data.get("kind") if isinstance(data, dict) else None
