@@ -30,8 +30,9 @@ system-deps:
 emulator: setup system-deps
 	$(BIN)/edgevit emulator setup
 
-demo: setup
+demo: setup system-deps
 	$(BIN)/edgevit run recipes/quickstart.toml --json runs/quickstart.json
+	@echo "report: runs/quickstart/report/index.html (and report.md beside it)"
 
 fashion: setup system-deps
 	$(BIN)/edgevit run recipes/fashion.toml --json runs/fashion.json
