@@ -258,7 +258,7 @@ def parse_latency_budget(text: str) -> tuple[str, float]:
 
     m = re.fullmatch(r"\s*(\w+)\s*<=?\s*(.+)", text)
     if not m or m.group(1) not in STATS:
-        raise ConfigError(f"--budget '{text}' is not STAT<=LATENCY with STAT one of {', '.join(STATS)}; "
+        raise ConfigError(f"--budget {text!r} is not STAT<=LATENCY with STAT one of {', '.join(STATS)}; "
                           "write e.g. p90<=20ms")
     return m.group(1), parse_budget(m.group(2))
 

@@ -39,6 +39,8 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
             out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             out[key.strip()] = value
+        except ValueError:   # an integer past Python's 4300-digit conversion limit
+            raise ConfigError(f"--set {key.strip()}: the value is not a usable number") from None
     return out
 
 
@@ -50,7 +52,8 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo(f"error: {self.message}", err=True)
+        # one line, whatever the message quotes back (a value holding a newline included)
+        click.echo("error: " + " ".join(self.message.splitlines()), err=True)
 
 
 # What Ctrl-C leaves behind, per command (every artifact is written atomically, so never half a file)
@@ -359,7 +362,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     if ckpt_path is None:
         ckpt_path, sparsity, out_dir = _compile_inputs_from_project(target.name, sparsity, out_dir)
     elif out_dir is None:
-        raise ConfigError("compile: pass -o DIR, the artifact folder to write")
+        raise ConfigError("compile: pass -o/--out DIR, the artifact folder to write")
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)

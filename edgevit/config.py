@@ -33,6 +33,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: malformed TOML ({e}); fix the syntax at that place") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save it as a UTF-8 .toml file") from None
+    except ValueError as e:   # e.g. an integer past Python's 4300-digit conversion limit
+        raise ConfigError(f"{path}: a value TOML cannot hold ({str(e).splitlines()[0][:80]}); fix it") from None
 
 
 def closest_key_hint(key: str, valid: list[str]) -> str:
@@ -55,7 +59,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'; {closest_key_hint(key, list(fields))}")
+            raise ConfigError(f"{where}: unknown key {key!r}; {closest_key_hint(key, list(fields))}")
         kwargs[key] = _coerce(value, hints[key], f"{where} {key}")
     missing = [
         n for n, f in fields.items()
@@ -97,7 +101,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{where}: {str(value)[:20]}... is too large a number") from None
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

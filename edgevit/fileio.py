@@ -65,8 +65,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
         raise EdgeVitError(f"{path}: no {what} there{' (it is a folder)' if path.is_dir() else ''}; {fix}")
     try:
         return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EdgeVitError(f"{path}: malformed {what} ({e}); {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError, or a number past Python's int limit
+        raise EdgeVitError(f"{path}: malformed {what} ({str(e).splitlines()[0][:120]}); {fix}") from None
 
 
 def read_cache(path: str | os.PathLike | None) -> dict | None:

@@ -73,13 +73,13 @@ def load_recipe(path: str | Path) -> Recipe:
     top = {"name", "stages", "out", "data", "model", *names}
     for key in raw:
         if key not in top:
-            raise ConfigError(f"{path}: unknown key '{key}'; {closest_key_hint(key, sorted(top))}")
+            raise ConfigError(f"{path}: unknown key {key!r}; {closest_key_hint(key, sorted(top))}")
     stages = raw.get("stages", ["train", "eval"])
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list, e.g. [\"train\", \"eval\"]")
     for s in stages:
         if s not in names:
-            raise ConfigError(f"{path}: unknown stage '{s}'; {closest_key_hint(str(s), names)}")
+            raise ConfigError(f"{path}: unknown stage {s!r}; {closest_key_hint(str(s), names)}")
     out = raw.get("out", f"runs/{path.stem}")
     if not isinstance(out, str) or not out:
         raise ConfigError(f"{path}: 'out' must be a folder path as a string, e.g. out = \"runs/{path.stem}\"")

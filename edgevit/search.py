@@ -47,11 +47,13 @@ def parse_budget(text: str | float) -> float:
         return float(text)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|us|µs|s)?\s*", str(text))
     if not m:
-        raise ConfigError(f"--budget '{text}' is not a latency; write e.g. 20ms or 500us")
+        raise ConfigError(f"--budget {text!r} is not a latency; write e.g. 20ms or 500us")
     value, unit = float(m.group(1)), (m.group(2) or "ms")
     ms = value * {"ms": 1.0, "us": 1e-3, "µs": 1e-3, "s": 1e3}[unit]
+    if not math.isfinite(ms):
+        raise ConfigError(f"--budget {str(text)[:40]!r} is too large to be a latency; write e.g. 20ms or 500us")
     if ms <= 0:
-        raise ConfigError(f"--budget must be positive, got '{text}'")
+        raise ConfigError(f"--budget must be positive, got {text!r}")
     return ms
 
 

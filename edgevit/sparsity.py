@@ -182,9 +182,16 @@ class SparsityConfig:
         return cls.from_dict(data, str(path))
 
 
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:   # an int too large for a float
+        return False
+
+
 def _numbers(value, key: str, where: str) -> tuple:
     if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                                   or not math.isfinite(v) for v in value):
+                                                   or not _finite(v) for v in value):
         raise ConfigError(f"{where}: '{key}' must be a list of numbers, got {str(value)[:60]}")
     return tuple(value)
 

@@ -45,14 +45,14 @@ class Target:
 
     def __post_init__(self):
         if self.device not in DEVICES:
-            raise ValueError(f"device '{self.device}' must be one of {', '.join(DEVICES)}")
+            raise ValueError(f"device {self.device!r} must be one of {', '.join(DEVICES)}")
         if self.arch not in ARCHES:
-            raise ValueError(f"arch '{self.arch}' must be one of {', '.join(ARCHES)}")
+            raise ValueError(f"arch {self.arch!r} must be one of {', '.join(ARCHES)}")
         kind = self.tvm.get("kind")
         if kind not in ("llvm", "cuda"):
-            raise ValueError(f"[tvm] kind '{kind}' must be 'llvm' or 'cuda'")
+            raise ValueError(f"[tvm] kind {kind!r} must be 'llvm' or 'cuda'")
         if (kind == "cuda") != (self.device == "cuda"):
-            raise ValueError(f"[tvm] kind '{kind}' does not match device '{self.device}'")
+            raise ValueError(f"[tvm] kind {kind!r} does not match device {self.device!r}")
 
     @property
     def runs_here(self) -> bool:
@@ -120,7 +120,7 @@ def load_target(name_or_path: str) -> Target:
     names = sorted(files)
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"unknown target '{name_or_path}'; {hint}valid targets: {', '.join(names)} "
+    raise ConfigError(f"unknown target {name_or_path!r}; {hint}valid targets: {', '.join(names)} "
                       "(or a path to a .toml file)")
 
 

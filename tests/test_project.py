@@ -61,4 +61,4 @@ def test_compile_takes_the_runs_checkpoint_and_search_result(in_tmp):
     manifest = json.loads((in_tmp / "out" / "compile" / "host" / "manifest.json").read_text())
     assert manifest["sparsity"]["ratios"] == [0.5, 0.0]
     r = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", "out/train/model.pt"])
-    assert r.exit_code == 2 and "pass -o DIR" in r.stderr
+    assert r.exit_code == 2 and "pass -o/--out DIR" in r.stderr

@@ -56,7 +56,7 @@ def test_tune_records_resume_and_feed_compile(ckpt_path, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--target", "rasp4b"], "does not run on this machine"),
     (["--target", "jetson-orin"], "tunes CPU targets"),
-    (["--target", "host", "--trials", "0"], "trials must be >= 1"),
+    (["--target", "host", "--trials", "0"], "--trials': 0 is not in the range x>=1"),
     (["--target", "host", "--rpc", "127.0.0.1:9"], "unreachable"),
 ])
 def test_tune_rejects_bad_requests_in_one_line(ckpt_path, args, message):
