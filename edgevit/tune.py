@@ -143,6 +143,9 @@ class Tuning:
     def tune(self, task, label: str, seed: int) -> KernelResult:
         """Search the trials of `task` not yet run; its best record after."""
         entry = self.entry(task)
+        # a run killed inside this kernel's search left its records but not the count: the
+        # records beyond the default schedule's are trials already measured
+        entry["trials"] = max(entry["trials"], len(ms_.kernel_records(task, self.db)) - 1)
         remaining = self.cfg.trials_per_kernel - entry["trials"]
         if remaining > 0:
             self.log(f"{label}: searching {remaining} candidates (default {entry['default_ms'] or float('nan'):.4f} ms)")
