@@ -34,6 +34,8 @@ class AdaptConfig(TrainConfig):
             super().__post_init__()
         if not self.levels or any(not 0.0 <= r < 1.0 for r in self.levels):
             raise ValueError(f"levels {list(self.levels)} must be ratios in [0, 1)")
+        if 0.0 not in self.levels or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels {list(self.levels)} must be increasing and include 0.0 (the dense config)")
 
     def train_config(self, source_lr: float | None) -> TrainConfig:
         fields = {k: v for k, v in asdict(self).items() if k != "levels"}

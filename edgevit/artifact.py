@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from edgevit.errors import EdgeVitError, ValidationError
-from edgevit.fileio import file_sha256, read_artifact, write_json
+from edgevit.fileio import file_sha256, holds_only, read_artifact, write_json
 
 MANIFEST, LIBRARY, WEIGHTS, REFERENCE = "manifest.json", "model.so", "weights.params", "reference.npz"
 VALIDATION = "validation.npz"      # more inputs + PyTorch outputs (stays with the artifact, not bundled)
 ARTIFACT_KIND = "edgevit.compiled"
+ARTIFACT_FILES = {MANIFEST, LIBRARY, WEIGHTS, REFERENCE, VALIDATION}
 LOADER = "run_model.py"            # only in deploy bundles (`package`)
 
 
@@ -89,6 +90,9 @@ class Manifest:
         """Artifacts from before the tolerance record take it from their compile config."""
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
+        problem = manifest_problem(d)
+        if problem:
+            raise EdgeVitError(f"{where}: damaged manifest ({problem}); recompile the artifact")
         config = d.get("config") or {}
         tol = d.get("tolerance") or {k: config[k] for k in ("max_abs_error", "min_top1_agreement") if k in config}
         try:
@@ -152,9 +156,41 @@ class CompiledArtifact:
             return ref["input"], ref["output"]
 
 
+def manifest_problem(d: dict) -> str | None:
+    """What is wrong with a manifest's fields (None: nothing), so a damaged or edited manifest is
+    refused by name instead of failing somewhere inside a run."""
+    target, inp, out, files = d.get("target"), d.get("input"), d.get("output"), d.get("files")
+    if not isinstance(target, dict) or target.get("device") not in ("cpu", "cuda") \
+            or not all(isinstance(target.get(k), str) for k in ("name", "arch")):
+        return "target must name a cpu or cuda device, an arch and a name"
+    if not isinstance(inp, dict) or not _positive_ints(inp.get("shape"), 4) or inp.get("dtype", "float32") != "float32":
+        return "input must be a float32 NCHW shape of four positive sizes"
+    channels = inp["shape"][1]
+    for key in ("mean", "std"):
+        v = inp.get(key)
+        if v is not None and (not isinstance(v, list) or len(v) != channels or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+            return f"input {key} must hold one number per channel ({channels})"
+    if inp.get("std") and any(x <= 0 for x in inp["std"]):
+        return "input std must be positive"
+    if not isinstance(out, dict) or not _positive_ints(out.get("shape"), 2) or out["shape"][0] != inp["shape"][0]:
+        return "output must be a (batch, classes) shape matching the input's batch"
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and k in ARTIFACT_FILES
+                                              for k, v in files.items()):
+        return f"files must map the artifact's own files ({', '.join(sorted(ARTIFACT_FILES))}) to sha256 digests"
+    if not isinstance(d.get("model", {}), dict):
+        return "model must be a table"
+    return None
+
+
+def _positive_ints(v, n: int) -> bool:
+    return isinstance(v, list) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                                                       for x in v)
+
+
 def is_compiled_artifact(folder: Path) -> bool:
     """Whether `folder` is an artifact `compile` wrote (not a deploy bundle, not a user's folder)."""
-    return manifest_kind(folder) == ARTIFACT_KIND and not (folder / LOADER).exists()
+    return manifest_kind(folder) == ARTIFACT_KIND and holds_only(folder, ARTIFACT_FILES)
 
 
 def manifest_kind(folder: Path) -> str | None:

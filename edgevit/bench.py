@@ -11,7 +11,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +19,7 @@ import numpy as np
 
 from edgevit.artifact import MANIFEST, CompiledArtifact
 from edgevit.backend.runtime import Device, Session
-from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.errors import ConfigError, DataError, EdgeVitError
 from edgevit.fileio import read_artifact, write_json
 from edgevit.stages import StageRun
 from edgevit.verify import check_runs_here
@@ -68,7 +68,16 @@ class BenchResult:
     @classmethod
     def load(cls, path: str | Path) -> "BenchResult":
         d = read_artifact(path, BENCH_KIND, "write one with `edgevit bench`")
-        return cls(**{k: v for k, v in d.items() if k not in ("kind", "version")})
+        names = {f.name for f in fields(cls)}
+        samples, lat = d.get("samples_ms", []), d.get("latency_ms")
+        if not isinstance(samples, list) or not all(_finite_ms(v) for v in samples) or not isinstance(lat, dict) \
+                or not _finite_ms(lat.get("median")):
+            raise EdgeVitError(f"{path}: damaged bench result (latency_ms and samples_ms must hold positive "
+                               "finite times); measure again with `edgevit bench`")
+        try:
+            return cls(**{k: v for k, v in d.items() if k in names})
+        except TypeError as e:
+            raise EdgeVitError(f"{path}: damaged bench result ({e}); measure again with `edgevit bench`") from None
 
     def markdown(self) -> str:
         """A table for CI job summaries."""
@@ -98,6 +107,10 @@ def describe_check(name: str, c: dict) -> str:
         return f"top-1 {c['head']:.2f}% vs {c['baseline']:.2f}% (drop {c['drop']:+.2f}, allowed {c['max_drop']:g})"
     value = "n/a (too few samples)" if c["value_ms"] is None else f"{c['value_ms']:.3f} ms"
     return f"{c['stat']} {value} vs budget {c['limit_ms']:g} ms"
+
+
+def _finite_ms(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v != float("inf")
 
 
 def summarize(samples_ms: list[float]) -> tuple[dict, dict]:
@@ -148,6 +161,9 @@ def accuracy_on(session: Session, artifact: CompiledArtifact, spec: str, log: Lo
     m = artifact.manifest
     batch, size = m.batch, m.input_shape[-1]
     data = load_data(spec, size)
+    if data.channels != m.input_shape[1]:
+        raise DataError(f"{spec} has {data.channels}-channel images and the artifact takes {m.input_shape[1]}; "
+                        "pass the data set the model was trained on")
     mean, std = m.input.get("mean") or data.mean, m.input.get("std") or data.std
     correct = seen = 0
     for x, y in batches(data.test, mean, std, batch):

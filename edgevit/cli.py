@@ -151,7 +151,7 @@ def models_cmd() -> None:
 
 @cli.command("data")
 @click.argument("spec")
-@click.option("--img-size", type=_count(), default=32, show_default=True, help="Resize images to this size.")
+@click.option("--img-size", type=click.IntRange(1, 4096), default=32, show_default=True, help="Resize images to this size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def data_cmd(spec: str, img_size: int, seed: int, json_path) -> None:
@@ -305,6 +305,14 @@ def _sparsity_from(model, value: str | None):
     return SparsityConfig.uniform(model, ratio)
 
 
+def _json_outside(json_path: str | None, out_dir: str) -> None:
+    """--json may not be the -o folder or a file inside it (the artifact replaces that folder)."""
+    if json_path:
+        j, o = Path(json_path).resolve(), Path(out_dir).resolve()
+        if j == o or o in j.parents:
+            raise ConfigError(f"--json {json_path} is the -o folder or inside it; write the figures elsewhere")
+
+
 def _device(target, rpc: str | None, key: str | None):
     """The device behind --rpc/--key (the target's rpc_key by default); None: this machine."""
     from edgevit.backend.runtime import Device
@@ -365,6 +373,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
         raise ConfigError("compile: pass -o/--out DIR, the artifact folder to write")
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     config = _sparsity_from(ckpt.build_model(), sparsity)
+    _json_outside(json_path, out_dir)
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)
     m = artifact.manifest
     click.echo(f"compiled {m.model['name']} for {target.name} in {m.compile_seconds:.1f} s "
@@ -630,6 +639,7 @@ def package_cmd(artifact_dir, out_dir, json_path) -> None:
     from edgevit.artifact import CompiledArtifact
     from edgevit.package import package
 
+    _json_outside(json_path, out_dir)
     result = package(CompiledArtifact.load(artifact_dir), out_dir)
     click.echo(f"bundle {out_dir}: {result['total_bytes'] / 1e6:.2f} MB "
                f"({', '.join(f'{k} {v / 1e3:.0f} kB' for k, v in result['files'].items())})")
@@ -644,6 +654,7 @@ def report_cmd(run_dir, out_dir, json_path) -> None:
     """Report on a run folder: Markdown tables, JSON figures, plots and one self-contained HTML page."""
     from edgevit.report import INDEX, report
 
+    _json_outside(json_path, out_dir)
     result = report(run_dir, out_dir)
     click.echo(f"report of {run_dir}: {len(result.models)} models, {len(result.targets)} targets, plots: "
                f"{', '.join(result.plots()) or 'none'} -> {Path(out_dir) / INDEX}")

@@ -33,6 +33,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLITS = ("train", "val", "test")
+MAX_IMAGE_SIZE = 4096   # a whole split is resized in memory: 65536 px sides asked for terabytes
 
 
 @dataclass
@@ -96,8 +97,8 @@ def load_data(spec: str, image_size: int, seed: int = 0, val_fraction: float = 0
     Sources with an official test set keep it; val is carved from train. Single-pool sources
     (digits, a flat image folder) are split 70/10/20.
     """
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ConfigError(f"image size {image_size!r} must be a positive integer (pixels)")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"image size {image_size!r} must be an integer from 1 to {MAX_IMAGE_SIZE} (pixels)")
     if not 0 < val_fraction < 0.5:
         raise ConfigError(f"val_fraction {val_fraction} must be in (0, 0.5)")
     kind, path = parse_spec(spec)

@@ -175,8 +175,14 @@ def check_replaceable(out_dir: Path, replaceable: Callable[[Path], bool], what: 
     if out_dir.is_symlink() or not out_dir.is_dir():
         raise OutputError(f"{out_dir} exists and is not a folder edgevit wrote; pass a new path to -o")
     if any(out_dir.iterdir()) and not replaceable(out_dir):
-        raise OutputError(f"{out_dir} exists and is not {what} edgevit wrote; edgevit does not replace "
-                           "folders it did not write: pass a new or empty folder to -o")
+        raise OutputError(f"{out_dir} exists and is not {what} edgevit wrote (or holds files edgevit did not "
+                          "write); edgevit does not replace them: pass a new or empty folder to -o")
+
+
+def holds_only(folder: Path, names) -> bool:
+    """Whether every entry of `folder` is a plain file whose name is one of `names` (a folder
+    edgevit replaces must hold nothing a user added to it)."""
+    return all(p.is_file() and not p.is_symlink() and p.name in names for p in folder.iterdir())
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:

@@ -89,11 +89,31 @@ class LatencyTable:
     def load(cls, path: str | Path) -> "LatencyTable":
         d = read_artifact(path, TABLE_KIND, "measure one with `edgevit profile`", versions=(1, 2))
         try:
-            return cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
-                       d["windows"], d.get("overhead_ms", 0.0), d.get("measurements", []), d.get("validation"),
-                       d.get("combine", "sum"))
+            table = cls(d["key"], d["dense_ms"], [{int(k): v for k, v in u.items()} for u in d["deltas"]],
+                        d["windows"], d.get("overhead_ms", 0.0), d.get("measurements", []), d.get("validation"),
+                        d.get("combine", "sum"))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EdgeVitError(f"{path}: damaged latency table ({type(e).__name__}: {e}); profile again") from None
+        problem = table.problem()
+        if problem:
+            raise EdgeVitError(f"{path}: damaged latency table ({problem}); profile again")
+        return table
+
+    def problem(self) -> str | None:
+        """What makes a table unusable (None: nothing): every figure a finite number, ms positive."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if not isinstance(self.key, dict) or not number(self.dense_ms) or self.dense_ms <= 0:
+            return "key must be a table and dense_ms a positive number"
+        if not isinstance(self.windows, list) or len(self.windows) != len(self.deltas) or not all(
+                isinstance(n, int) and n > 0 for n in self.windows):
+            return "windows must list a positive count per knob, one per deltas entry"
+        if not number(self.overhead_ms) or not all(number(v) for unit in self.deltas for v in unit.values()):
+            return "deltas and overhead_ms must be finite numbers"
+        if self.combine not in ("sum", "product"):
+            return f"combine {self.combine!r} must be 'sum' or 'product'"
+        return None
 
 
 def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> dict:
@@ -291,7 +311,8 @@ def profile(ckpt: Checkpoint, target: Target, device: Device | None = None, cfg:
     done = MeasuredRows(checkpoint, {"key": key, "configs": configs, "cfg": _timing_settings(cfg)})
     if done.rows:
         log(f"resuming: {len(done.rows)} of {len(configs)} configs already measured ({checkpoint})")
-    bar = tqdm(total=len(configs), initial=len(done.rows), unit="build", desc="profile", leave=False)
+    bar = tqdm(total=len(configs), initial=len(done.rows), unit="build", desc="profile", leave=False,
+               disable=None)
     for block_ratios in configs[len(done.rows):]:
         config_ms, dense_ms = measure.versus_dense(block_ratios)
         done.add({"keep": keep_of(windows, block_ratios), "measured_ms": config_ms, "dense_ms": dense_ms})
@@ -345,7 +366,7 @@ def validate(table: LatencyTable, ckpt: Checkpoint, target: Target, n: int, devi
     configs = _random_sparse_configs(base, rng, n)
     done = MeasuredRows(checkpoint, {"table": table.to_dict() | {"validation": None},
                                      "configs": [list(c.ratios) for c in configs], "cfg": _timing_settings(cfg)})
-    for config in tqdm(configs[len(done.rows):], total=n, initial=len(done.rows), unit="config", desc="validate",
+    for config in tqdm(configs[len(done.rows):], total=n, initial=len(done.rows), unit="config", desc="validate", disable=None,
                        leave=False):
         predicted = table.predict(keep_counts(measure.model, config))
         measured, dense_now = measure.versus_dense(config.per_stage())

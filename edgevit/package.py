@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgevit.artifact import LIBRARY, LOADER, MANIFEST, REFERENCE, WEIGHTS, CompiledArtifact, manifest_kind
 from edgevit.errors import EdgeVitError
-from edgevit.fileio import publish_dir
+from edgevit.fileio import holds_only, publish_dir
 
 LOADER_SOURCE = '''#!/usr/bin/env python3
 """Run this edgevit model with the TVM runtime alone (pip install apache-tvm; on a device
@@ -86,4 +86,5 @@ def package(artifact: CompiledArtifact, out_dir: str | Path) -> dict:
 
 def is_bundle(folder: Path) -> bool:
     """Whether `folder` is a deploy bundle `package` wrote (the only folders it replaces)."""
-    return (folder / LOADER).is_file() and manifest_kind(folder) is not None
+    return (folder / LOADER).is_file() and manifest_kind(folder) is not None and holds_only(
+        folder, {LIBRARY, WEIGHTS, REFERENCE, MANIFEST, LOADER})

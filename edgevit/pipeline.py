@@ -8,6 +8,7 @@ OUT/profile/latency.json, OUT/search/result.json.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from edgevit.recipes import Recipe
@@ -20,6 +21,7 @@ def run_recipe(recipe: Recipe, log: Log = print, force: bool = False) -> dict:
     """Run the recipe's stages in order; returns the figures each stage produced."""
     from edgevit.data import load_data
 
+    check_run_folder(recipe.out)
     _, cfg = recipe.model.resolve()
     data = load_data(recipe.data.spec, cfg.img_size, recipe.data.seed, recipe.data.val_fraction)
     log(f"data: {data.spec}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
@@ -30,6 +32,22 @@ def run_recipe(recipe: Recipe, log: Log = print, force: bool = False) -> dict:
         results[stage] = get_stage(stage).runner()(run)
         _keep_project(recipe, log)
     return results
+
+
+def check_run_folder(out: Path) -> None:
+    """A recipe's `out` is new, empty, or a run folder edgevit made (stage folders only): a user's
+    folder or an artifact is refused before any work."""
+    from edgevit.errors import OutputError
+    from edgevit.stages import stage_names
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputError(f"{out}: the recipe's out is a file; point `out` at a new folder")
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_dir() and p.name in stage_names()))
+    if foreign:
+        raise OutputError(f"{out}: the recipe's out holds things a run does not write ({', '.join(foreign[:3])}); "
+                          "edgevit does not write into other folders: point `out` at a new folder")
 
 
 def _keep_project(recipe: Recipe, log: Log) -> None:

@@ -14,6 +14,7 @@ from edgevit.fileio import write_json
 
 PROJECT_FILE = ".edgevit.json"
 PROJECT_KIND = "edgevit.project"
+OPTIONAL = ("checkpoint", "table", "search")
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ def load_project(folder: Path | None = None) -> Project | None:
     if _kind(path) != PROJECT_KIND:
         return None
     data = json.loads(path.read_text())
-    try:
-        return Project(**{k: data.get(k) for k in Project.__dataclass_fields__})
-    except TypeError:
-        return None
+    fields = {k: data.get(k) for k in Project.__dataclass_fields__}
+    if data.get("version") != 1 or not all(isinstance(v, str) or (v is None and k in OPTIONAL)
+                                           for k, v in fields.items()):
+        return None   # damaged or from another edgevit: as if there were no run
+    return Project(**fields)
 
 
 def project_or_fail(missing: str) -> Project:

@@ -80,16 +80,23 @@ def load_recipe(path: str | Path) -> Recipe:
     for s in stages:
         if s not in names:
             raise ConfigError(f"{path}: unknown stage {s!r}; {closest_key_hint(str(s), names)}")
+    if [names.index(s) for s in stages] != sorted({names.index(s) for s in stages}):
+        raise ConfigError(f"{path}: stages {stages} must be listed once each, in pipeline order: {', '.join(names)}")
     out = raw.get("out", f"runs/{path.stem}")
     if not isinstance(out, str) or not out:
         raise ConfigError(f"{path}: 'out' must be a folder path as a string, e.g. out = \"runs/{path.stem}\"")
     name = raw.get("name", path.stem)
     if not isinstance(name, str):
         raise ConfigError(f"{path}: 'name' must be a string, e.g. name = \"{path.stem}\"")
+    windowed = ("adapt", "profile", "search")
+    model = _model_spec(path, raw.get("model", {}))
+    if any(s in stages for s in windowed) and not hasattr(model.resolve()[0], "set_block_ratios"):
+        raise ConfigError(f"{path}: stages {', '.join(s for s in stages if s in windowed)} prune windows, and model "
+                          f"'{model.name}' has none; use a swin-family model (see `edgevit models`)")
     sections = {s.name: from_mapping(s.config_class(), raw.get(s.name, {}), f"{path} [{s.name}]") for s in STAGES}
     return Recipe(path=path, name=name, stages=tuple(stages), out=Path(out),
                   data=from_mapping(DataConfig, raw.get("data", {}), f"{path} [data]"),
-                  model=_model_spec(path, raw.get("model", {})), sections=sections)
+                  model=model, sections=sections)
 
 
 def _model_spec(path: Path, raw) -> ModelSpec:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from edgevit.errors import EdgeVitError
-from edgevit.fileio import file_sha256, publish_dir, read_artifact, write_json
+from edgevit.fileio import file_sha256, holds_only, publish_dir, read_artifact, write_json
 from edgevit.plots import (
     Series,
     format_ratios,
@@ -97,7 +97,8 @@ def is_report(folder: Path) -> bool:
         data = json.loads((Path(folder) / REPORT_JSON).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("kind") == REPORT_KIND
+    return isinstance(data, dict) and data.get("kind") == REPORT_KIND and holds_only(
+        Path(folder), {REPORT_JSON, REPORT_MD, INDEX, PARETO, LATENCY_TARGETS, LATENCY_DISTRIBUTION})
 
 
 def report(run_dir: str | Path, out_dir: str | Path) -> Report:

@@ -29,7 +29,7 @@ from edgevit.checkpoint import Checkpoint
 from edgevit.errors import ConfigError, EdgeVitError, InfeasibleBudget
 from edgevit.fileio import read_artifact, read_cache, write_json
 from edgevit.latency import LatencyTable
-from edgevit.sparsity import SparsityConfig, keep_counts, stage_keep_keys
+from edgevit.sparsity import SparsityConfig, keep_counts, knob_windows, stage_keep_keys
 from edgevit.stages import StageRun
 
 RESULT_KIND = "edgevit.search_result"
@@ -335,7 +335,10 @@ def fastest_reachable(table: LatencyTable) -> float:
                                for i, n in enumerate(table.windows)))
 
 
-def check_feasible(table: LatencyTable, budget_ms: float, model_name: str) -> None:
+def check_feasible(table: LatencyTable, budget_ms: float, model_name: str, model=None) -> None:
+    if model is not None and table.windows != knob_windows(model):
+        raise ConfigError(f"the latency table's knobs (windows {table.windows}) are not {model_name}'s "
+                          f"({knob_windows(model)}); profile this model (`edgevit profile`)")
     fastest = fastest_reachable(table)
     if fastest > budget_ms:
         raise InfeasibleBudget(
@@ -351,7 +354,7 @@ def search(ckpt: Checkpoint, table: LatencyTable, cfg: SearchConfig, measure: Ca
 
     start = time.perf_counter()
     model = ckpt.build_model().eval()
-    check_feasible(table, cfg.budget_ms, ckpt.model_name)
+    check_feasible(table, cfg.budget_ms, ckpt.model_name, model)
     oracle = AccuracyOracle(ckpt, cfg.val_images, cfg.seed)
     evo = Evolution(SparsityConfig.for_model(model), model, table, oracle, cfg)
     seen: dict[str, Candidate] = {}
@@ -366,7 +369,8 @@ def search(ckpt: Checkpoint, table: LatencyTable, cfg: SearchConfig, measure: Ca
                                      for c in resumed["seen"])}
         generation, stalled = resumed["generation"], resumed.get("stalled", 0)
         log(f"resuming search at generation {generation} ({len(oracle.cache)} accuracy evaluations cached)")
-    bar = tqdm(total=cfg.evaluations, initial=len(oracle.cache), unit="eval", desc="search", leave=False)
+    bar = tqdm(total=cfg.evaluations, initial=len(oracle.cache), unit="eval", desc="search", leave=False,
+               disable=None)
     while generation < cfg.max_generations and len(oracle.cache) < cfg.evaluations and stalled < STALL_GENERATIONS:
         before = len(oracle.cache)
         population = evo.first_population() if not population else evo.next_population(population)

@@ -114,13 +114,17 @@ def load_target(name_or_path: str) -> Target:
     files = _target_files()
     if name_or_path in files:
         return _load_file(files[name_or_path])
-    for p in files.values():
-        if name_or_path in read_toml(p).get("aliases", []):
-            return _load_file(p)
+    owners = [p for p in files.values() if name_or_path in read_toml(p).get("aliases", [])]
+    if len(owners) > 1:
+        raise ConfigError(f"alias {name_or_path!r} is claimed by {', '.join(p.name for p in owners)}; "
+                          "give each target its own aliases")
+    if owners:
+        return _load_file(owners[0])
     names = sorted(files)
     close = difflib.get_close_matches(name_or_path, names, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ConfigError(f"unknown target {name_or_path!r}; {hint}valid targets: {', '.join(names)} "
+    where = f" in {targets_dir()} (EDGEVIT_TARGETS_DIR)" if os.environ.get("EDGEVIT_TARGETS_DIR") else ""
+    raise ConfigError(f"unknown target {name_or_path!r}{where}; {hint}valid targets: {', '.join(names) or 'none'} "
                       "(or a path to a .toml file)")
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from edgevit.checkpoint import Checkpoint
 from edgevit.data import DataBundle, ImageSet, batches, check_model_fits
-from edgevit.errors import ConfigError, EdgeVitError, OutputError
+from edgevit.errors import ConfigError, DataError, EdgeVitError, OutputError
 from edgevit.stages import FINAL, LAST, StageRun
 
 
@@ -151,7 +151,8 @@ def evaluate(model: nn.Module, data: ImageSet, mean: list[float], std: list[floa
 def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=not enabled,
+    # disable=None: bars only on a terminal (a log file or CI capture gets the epoch lines alone)
+    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, disable=None if enabled else True,
                 dynamic_ncols=True, leave=False, mininterval=1.0)
 
 
@@ -336,6 +337,10 @@ def _load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) ->
         raise ConfigError(f"teacher {cfg.teacher} given but model '{student.model_name}' has no distillation "
                           "token; use a *_distilled model (e.g. deit_tiny_distilled)")
     teacher = Checkpoint.load(cfg.teacher).build_model().to(device).eval()
+    for key in ("in_chans", "num_classes", "img_size"):
+        if getattr(teacher.cfg, key) != getattr(student.cfg, key):
+            raise DataError(f"teacher {cfg.teacher} has {key}={getattr(teacher.cfg, key)}, the student "
+                            f"{getattr(student.cfg, key)}; a teacher must see the same images and classes")
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher

@@ -918,3 +918,49 @@ RUN = [
 @pytest.mark.parametrize(PARAMS, RUN)
 def test_run(args, code, fragment, quiet, env, tmp_path):
     check(args, code, fragment, tmp_path, quiet=quiet, env=env)
+
+
+# ---------------------------------------------------------------------------- found by hand, later
+
+
+def test_replacing_an_artifact_never_deletes_files_a_user_added(tmp_path):
+    """compile/package/report replace their own earlier output, but not a folder a user added to."""
+    from edgevit.checkpoint import Checkpoint as Ckpt
+    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.errors import OutputError
+    from edgevit.package import package
+    from edgevit.targets import load_target
+
+    torch.manual_seed(0)
+    ckpt = Ckpt.from_model(create_model("swin_micro"))
+    art = compile_model(ckpt, load_target("host"), tmp_path / "art", None, CompileConfig(validate=False, images=4),
+                        log=lambda _: None)
+    (art.path / "NOTES.txt").write_text("mine")
+    with pytest.raises(OutputError, match="holds files edgevit did not write"):
+        compile_model(ckpt, load_target("host"), art.path, None, CompileConfig(validate=False, images=4),
+                      log=lambda _: None)
+    assert (art.path / "NOTES.txt").read_text() == "mine"
+    (art.path / "NOTES.txt").unlink()
+    package(art, tmp_path / "bundle")
+    (tmp_path / "bundle" / "README-mine.txt").write_text("mine")
+    with pytest.raises(OutputError):
+        package(art, tmp_path / "bundle")
+    assert (tmp_path / "bundle" / "README-mine.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ('stages = ["compile", "train"]\n[model]\nname = "swin_micro"\n', "pipeline order"),
+    ('stages = ["train", "train"]\n[model]\nname = "swin_micro"\n', "listed once each"),
+    ('stages = ["train", "adapt"]\n[model]\nname = "vit_micro"\n', "prune windows"),
+    ('stages = ["adapt"]\n[model]\nname = "swin_micro"\n[adapt]\nlevels = [0.5, 0.1]\n', "include 0.0"),
+])
+def test_recipes_refused_before_any_work(tmp_path, recipe, message):
+    (tmp_path / "r.toml").write_text(recipe)
+    check(["run", str(tmp_path / "r.toml")], 2, message, tmp_path, quiet=True)
+
+
+def test_a_recipe_out_holding_user_files_is_refused(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "r.toml").write_text('stages = ["train"]\nout = "mine"\n[model]\nname = "swin_micro"\n')
+    check(["run", str(tmp_path / "r.toml")], 1, "holds things a run does not write", tmp_path, quiet=True)

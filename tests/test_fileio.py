@@ -89,7 +89,8 @@ def test_publish_dir_under_a_file_is_one_line(tmp_path):
     assert "is a file, not a folder" in one_line(e)
 
 
-MANIFEST = {"kind": "edgevit.compiled", "version": 1, "target": {"name": "host"}, "model": {"name": "m"},
+MANIFEST = {"kind": "edgevit.compiled", "version": 1, "target": {"name": "host", "device": "cpu", "arch": "x86_64"},
+            "model": {"name": "m"},
             "input": {"shape": [2, 1, 8, 8]}, "output": {"shape": [2, 3]}, "files": {}, "encoding": "fp32",
             "config": {"max_abs_error": 0.01, "min_top1_agreement": 95.0}}
 
@@ -113,3 +114,19 @@ def test_tolerance_checks_both_limits():
         tol.check({"max_abs_error": 0.0, "top1_agreement": 98.0}, "random")
     with pytest.raises(ValueError):
         Tolerance(0.0, 99.0)
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"files": ["model.so"]}, "files must map"),
+    ({"files": {"../../etc/passwd": "0" * 64}}, "files must map"),
+    ({"target": "host"}, "target must name"),
+    ({"input": {"shape": "1x1x8x8"}}, "input must be"),
+    ({"input": {"shape": [-1, 1, 8, 8]}}, "input must be"),
+    ({"input": {"shape": [2, 1, 8, 8], "std": [0.0]}}, "std must be positive"),
+    ({"input": {"shape": [2, 1, 8, 8], "mean": [0.1, 0.2, 0.3]}}, "one number per channel"),
+    ({"output": {"shape": [1, 7]}}, "matching the input's batch"),
+])
+def test_damaged_manifests_are_refused_by_name(change, problem):
+    with pytest.raises(EdgeVitError, match=problem) as e:
+        Manifest.from_dict({**MANIFEST, **change}, "m.json")
+    assert "recompile" in one_line(e)

@@ -215,11 +215,17 @@ def test_a_rerun_replaces_its_own_report(tmp_path, run):
     root, first, _, _ = run
     out = tmp_path / "rep"
     shutil.copytree(first, out)
-    (out / "stale.png").write_bytes(b"old")
+    (out / "report.md").write_text("an older report")
     result = CliRunner().invoke(cli, ["report", str(root), "-o", str(out), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
-    assert not (out / "stale.png").exists() and (out / "report.json").read_text() == (first / "report.json").read_text()
+    assert (out / "report.json").read_text() == (first / "report.json").read_text()
+    assert (out / "report.md").read_text() == (first / "report.md").read_text()
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads((out / "report.json").read_text())
+    # a file the user added to the report folder is never deleted: the report is refused instead
+    (out / "my-notes.txt").write_text("mine")
+    result = CliRunner().invoke(cli, ["report", str(root), "-o", str(out)])
+    assert result.exit_code == 1 and "holds files edgevit did not write" in result.stderr
+    assert (out / "my-notes.txt").read_text() == "mine"
 
 
 def test_a_missing_run_folder_is_one_line_error(tmp_path):

@@ -43,6 +43,9 @@ class Session:
         if device.rpc is None:
             self.remote = None
             self.dev = tvm.cuda(0) if device.kind == "cuda" else tvm.cpu(0)
+            if not self.dev.exist:
+                raise DeviceError(f"no {device.kind} device on this machine; run the artifact on its device "
+                                  "(--rpc HOST:PORT --key KEY)")
             lib = tvm.runtime.load_module(str(library))
         else:
             self.remote = remote or connect(device)
@@ -75,7 +78,7 @@ def connect(device: Device, session_timeout: int | None = None):
     from tvm import rpc
 
     host, _, port = (device.rpc or "").rpartition(":")
-    if not host or not port.isdigit():
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--rpc '{device.rpc}' is not HOST:PORT (e.g. 127.0.0.1:9190)")
     try:
         with socket.create_connection((host, int(port)), timeout=min(device.timeout, 10.0)):
