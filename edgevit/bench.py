@@ -397,7 +397,11 @@ def run_stage(run: StageRun) -> dict:
     settings = BenchConfig(duration_s=cfg.duration_s, min_runs=cfg.min_runs, warmup_s=cfg.warmup_s,
                            data=run.recipe.data.spec if cfg.accuracy else None)
     out = {}
-    for folder in sorted(p for p in run.dir("compile").glob("*") if (p / MANIFEST).is_file()):
+    folders = sorted(p for p in run.dir("compile").glob("*") if (p / MANIFEST).is_file())
+    if not folders:
+        raise EdgeVitError(f"{run.dir('compile')}: no compiled artifacts to measure; add 'compile' to the recipe's "
+                           "stages or run it first")
+    for folder in folders:
         artifact, path = CompiledArtifact.load(folder), run.dir("bench") / f"{folder.name}.json"
         if not _runs_here(artifact):
             run.log(f"bench {folder.name}: not this machine's; on the device: edgevit bench {folder} --rpc HOST:PORT")

@@ -88,6 +88,8 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
         raise DataError(f"unknown data spec '{spec}'; use one of: {', '.join(SOURCE_HELP)}")
     if kind in ("idx", "cifar10", "imagefolder") and not path:
         raise DataError(f"data spec '{spec}' needs a directory: write {kind}:DIR")
+    if kind == "digits" and path:
+        raise DataError(f"data spec '{spec}': digits is bundled and takes no directory; write digits")
     return kind, path or None
 
 

@@ -61,7 +61,10 @@ def load_project(folder: Path | None = None) -> Project | None:
 def project_or_fail(missing: str) -> Project:
     """The project, or the one-line error saying what to pass or run first."""
     project = load_project()
-    if project is None or project.checkpoint is None or not Path(project.checkpoint).exists():
+    if project is not None and project.checkpoint and not Path(project.checkpoint).exists():
+        raise ConfigError(f"no {missing} given, and the run in {PROJECT_FILE} names {project.checkpoint}, which no "
+                          f"longer exists; run {project.recipe} again (`edgevit run`) or pass {missing}")
+    if project is None or project.checkpoint is None:
         raise ConfigError(f"no {missing} given and no run in this folder to take it from ({PROJECT_FILE}); "
                           f"run `make demo` or `edgevit run RECIPE` first, or pass {missing}")
     return project

@@ -964,3 +964,19 @@ def test_a_recipe_out_holding_user_files_is_refused(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     (tmp_path / "r.toml").write_text('stages = ["train"]\nout = "mine"\n[model]\nname = "swin_micro"\n')
     check(["run", str(tmp_path / "r.toml")], 1, "holds things a run does not write", tmp_path, quiet=True)
+
+
+def test_digits_takes_no_directory(tmp_path):
+    check(["data", "digits:mine"], 3, "takes no directory", tmp_path, quiet=True)
+
+
+def test_a_bench_stage_without_artifacts_says_what_to_run_first(tmp_path):
+    (tmp_path / "r.toml").write_text('stages = ["bench"]\nout = "out"\n[model]\nname = "swin_micro"\n')
+    check(["run", str(tmp_path / "r.toml")], 1, "no compiled artifacts to measure", tmp_path)
+
+
+def test_a_project_file_naming_a_deleted_checkpoint_names_it(tmp_path):
+    from edgevit.project import Project
+
+    Project("r.toml", "out", "out/adapt/model.pt", "host", None, None).save(tmp_path)
+    check(["compile", "--target", "host"], 2, "out/adapt/model.pt, which no longer exists", tmp_path, quiet=True)
