@@ -114,7 +114,7 @@ def load_target(name_or_path: str) -> Target:
     files = _target_files()
     if name_or_path in files:
         return _load_file(files[name_or_path])
-    owners = [p for p in files.values() if name_or_path in read_toml(p).get("aliases", [])]
+    owners = [p for p in files.values() if name_or_path in _aliases(p)]
     if len(owners) > 1:
         raise ConfigError(f"alias {name_or_path!r} is claimed by {', '.join(p.name for p in owners)}; "
                           "give each target its own aliases")
@@ -126,6 +126,11 @@ def load_target(name_or_path: str) -> Target:
     where = f" in {targets_dir()} (EDGEVIT_TARGETS_DIR)" if os.environ.get("EDGEVIT_TARGETS_DIR") else ""
     raise ConfigError(f"unknown target {name_or_path!r}{where}; {hint}valid targets: {', '.join(names) or 'none'} "
                       "(or a path to a .toml file)")
+
+
+def _aliases(path: Path) -> list:
+    aliases = read_toml(path).get("aliases", [])
+    return aliases if isinstance(aliases, list) else []   # a malformed list is reported when the file loads
 
 
 def _load_file(path: Path) -> Target:

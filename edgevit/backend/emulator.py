@@ -87,7 +87,11 @@ def setup(emu: Emulator, log: Log = print) -> None:
         log(f"emulated aarch64 python already set up: {emu.python}")
         return
     debs = emu.home / "debs"
-    debs.mkdir(parents=True, exist_ok=True)
+    try:
+        debs.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EdgeVitError(f"{debs}: cannot create the emulator's folder ({e.strerror}); point EDGEVIT_HOME at a "
+                           "writable folder") from None
     if "arm64" not in _run(["dpkg", "--print-foreign-architectures"]).split():
         log("adding the arm64 architecture to dpkg")
         _run(["dpkg", "--add-architecture", "arm64"])
