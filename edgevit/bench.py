@@ -22,7 +22,7 @@ from edgevit.backend.runtime import Device, Session
 from edgevit.errors import ConfigError, DataError, EdgeVitError
 from edgevit.fileio import read_artifact, write_json
 from edgevit.stages import StageRun
-from edgevit.verify import check_runs_here
+from edgevit.verify import open_session
 
 BENCH_KIND = "edgevit.bench_result"
 MIN_SAMPLES = {"p90": 64, "p95": 64, "p99": 662}   # MLPerf's early-stopping minimums
@@ -127,31 +127,35 @@ def summarize(samples_ms: list[float]) -> tuple[dict, dict]:
     return stats, validity
 
 
-def sample(session: Session, x: np.ndarray, cfg: BenchConfig, log: Log) -> list[float]:
-    """Per-call latencies (ms): warm-up calls first (not kept), then calls until both the duration
-    and the minimum count are reached, in chunks so the clock is checked as it runs."""
+def sample(sessions: list[Session], inputs: list[np.ndarray], cfg: BenchConfig, chunk: int = 64
+           ) -> list[list[float]]:
+    """Per-call latencies (ms) of each session: warm-up calls first (not kept), then chunks of
+    calls, the sessions in turn (several: interleaved, so drift hits them alike), until both the
+    duration and the minimum count are reached."""
     warm_end = time.perf_counter() + cfg.warmup_s
-    session.time_ms(x, number=1, repeat=1)
-    while time.perf_counter() < warm_end:
-        session.time_ms(x, number=1, repeat=1)
-    samples: list[float] = []
+    while True:
+        for s, x in zip(sessions, inputs):
+            s.time_ms(x, number=1, repeat=1)
+        if time.perf_counter() >= warm_end:
+            break
+    samples: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    while len(samples) < cfg.max_runs and (len(samples) < cfg.min_runs
-                                           or time.perf_counter() - start < cfg.duration_s):
-        chunk = min(64, cfg.max_runs - len(samples))
-        samples.extend(session.time_ms(x, number=1, repeat=chunk))
-    log(f"{len(samples)} calls in {time.perf_counter() - start:.1f} s after {cfg.warmup_s:g} s of warm-up")
+    while len(samples[0]) < cfg.max_runs and (len(samples[0]) < cfg.min_runs
+                                              or time.perf_counter() - start < cfg.duration_s):
+        n = min(chunk, cfg.max_runs - len(samples[0]))
+        for s, x, out in zip(sessions, inputs, samples):
+            out.extend(s.time_ms(x, number=1, repeat=n))
     return samples
 
 
 def bench(artifact: CompiledArtifact, cfg: BenchConfig = BenchConfig(), rpc: str | None = None,
           key: str | None = None, timeout: float = 60.0, log: Log = print) -> BenchResult:
-    target = artifact.manifest.target
-    device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
-    check_runs_here(artifact, device)
-    session = Session(device, artifact.library, artifact.weights)
-    x, _ = artifact.reference()
-    return _result(artifact, sample(session, x, cfg, log), cfg, device, log, session)
+    session = open_session(artifact, rpc, key, timeout)
+    start = time.perf_counter()
+    samples = sample([session], [artifact.reference()[0]], cfg)[0]
+    log(f"{len(samples)} calls in {time.perf_counter() - start - cfg.warmup_s:.1f} s after {cfg.warmup_s:g} s "
+        "of warm-up")
+    return _result(artifact, samples, cfg, session.device, log, session)
 
 
 def accuracy_on(session: Session, artifact: CompiledArtifact, spec: str, log: Log) -> dict:
@@ -321,28 +325,12 @@ def bench_pair(head: CompiledArtifact, base: CompiledArtifact, cfg: BenchConfig 
                log: Log = print) -> tuple[BenchResult, BenchResult]:
     """Both artifacts measured in alternating chunks of calls in one run, so a machine that
     slows down or speeds up mid-run moves both alike."""
-    sessions, inputs = [], []
-    for art in (head, base):
-        target = art.manifest.target
-        device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
-        check_runs_here(art, device)
-        sessions.append(Session(device, art.library, art.weights))
-        inputs.append(art.reference()[0])
-    warm_end = time.perf_counter() + cfg.warmup_s
-    while True:
-        for s, x in zip(sessions, inputs):
-            s.time_ms(x, number=1, repeat=1)
-        if time.perf_counter() >= warm_end:
-            break
-    samples: tuple[list[float], list[float]] = ([], [])
+    sessions = [open_session(art, rpc, key, timeout) for art in (head, base)]
     start = time.perf_counter()
-    while len(samples[0]) < cfg.max_runs and (len(samples[0]) < cfg.min_runs
-                                              or time.perf_counter() - start < cfg.duration_s):
-        for s, x, out in zip(sessions, inputs, samples):
-            out.extend(s.time_ms(x, number=1, repeat=16))
+    samples = sample(sessions, [art.reference()[0] for art in (head, base)], cfg, chunk=16)
     log(f"{len(samples[0])} calls each, interleaved in chunks of 16, in {time.perf_counter() - start:.1f} s")
-    return tuple(_result(art, s, cfg, sessions[i].device, log)      # type: ignore[return-value]
-                 for i, (art, s) in enumerate(zip((head, base), samples)))
+    return tuple(_result(art, s, cfg, session.device, log, session)      # type: ignore[return-value]
+                 for art, s, session in zip((head, base), samples, sessions))
 
 
 def _result(artifact: CompiledArtifact, samples: list[float], cfg: BenchConfig, device: Device, log: Log,

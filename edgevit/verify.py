@@ -19,14 +19,22 @@ def check_runs_here(artifact: CompiledArtifact, device: Device) -> None:
                           "pass --rpc HOST:PORT --key KEY of a device (e.g. `edgevit emulator start`)")
 
 
-def verify(artifact: CompiledArtifact, rpc: str | None = None, key: str | None = None,
-           timeout: float = 60.0) -> dict:
+def open_session(artifact: CompiledArtifact, rpc: str | None = None, key: str | None = None,
+                 timeout: float = 60.0) -> Session:
+    """The artifact loaded on its device: here, or over RPC (the target's key by default)."""
     target = artifact.manifest.target
     device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
     check_runs_here(artifact, device)
+    return Session(device, artifact.library, artifact.weights)
+
+
+def verify(artifact: CompiledArtifact, rpc: str | None = None, key: str | None = None,
+           timeout: float = 60.0) -> dict:
+    target = artifact.manifest.target
+    session = open_session(artifact, rpc, key, timeout)
+    device = session.device
     inputs, reference = artifact.validation_set()
     batch = artifact.manifest.batch
-    session = Session(device, artifact.library, artifact.weights)
     out = np.concatenate([session.run(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
     figures = {"max_abs_error": float(np.abs(out - reference).max()),
                "top1_agreement": 100.0 * float((out.argmax(1) == reference.argmax(1)).mean())}
