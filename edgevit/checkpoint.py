@@ -43,6 +43,7 @@ class Checkpoint:
     config: dict[str, Any] = field(default_factory=dict)    # the verb's config
     versions: dict[str, str] = field(default_factory=library_versions)
     train_state: dict[str, Any] | None = None                # optimizer/scheduler/epoch, for --resume
+    quantization: dict[str, Any] | None = None               # {"scheme", "layers": {name: LayerQuant dict}}
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -54,6 +55,8 @@ class Checkpoint:
         path = Path(path)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "meta": json.dumps(self.meta, sort_keys=True),
                    "state_dict": self.state_dict, "train_state": self.train_state}
+        if self.quantization is not None:
+            payload["quantization"] = self.quantization
         with atomic_path(path) as tmp:
             torch.save(payload, tmp)
         return path
@@ -67,17 +70,39 @@ class Checkpoint:
         for name in sorted(self.state_dict):
             h.update(name.encode())
             h.update(self.state_dict[name].detach().contiguous().cpu().numpy().tobytes())
+        if self.quantization is not None:
+            h.update(self.scheme.encode())
+            for name, layer in sorted(self.quantization["layers"].items()):
+                h.update(name.encode())
+                h.update(json.dumps([layer["input_scale"], layer["input_zero_point"]]).encode())
+                for key in ("qweight", "weight_scale"):
+                    h.update(layer[key].contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    @property
+    def scheme(self) -> str:
+        """The weight encoding the model deploys with: fp32, or its quantization scheme."""
+        return self.quantization["scheme"] if self.quantization else "fp32"
 
     def without_train_state(self) -> "Checkpoint":
         return replace(self, train_state=None)
 
-    def build_model(self) -> torch.nn.Module:
-        """Create the registered model from the stored config and load the weights."""
+    def build_model(self, quantized: bool = True) -> torch.nn.Module:
+        """Create the registered model from the stored config and load the weights; a quantized
+        checkpoint's model computes as its int8 artifact does (quantized=False: the fp32 model)."""
         from edgevit.models import create_model
 
         model = create_model(self.model_name, **self.model_config)
         load_weights(model, self.state_dict, where=f"checkpoint of {self.model_name}")
+        if self.quantization is not None and quantized:
+            from edgevit.quantization import LayerQuant, apply_quantization
+
+            try:
+                layers = {n: LayerQuant.from_dict(d) for n, d in self.quantization["layers"].items()}
+                apply_quantization(model, layers)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"checkpoint of {self.model_name}: damaged quantization record ({e}); "
+                                      "quantize the model again with `edgevit quantize`") from None
         return model
 
     @classmethod
@@ -110,7 +135,8 @@ class Checkpoint:
                                   f"{FORMAT_VERSION}; re-save it with this edgevit version")
         try:
             meta = json.loads(payload["meta"])
-            return cls(state_dict=payload["state_dict"], train_state=payload.get("train_state"), **meta)
+            return cls(state_dict=payload["state_dict"], train_state=payload.get("train_state"),
+                       quantization=payload.get("quantization"), **meta)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: damaged checkpoint metadata ({e}); use another checkpoint") from None
 

@@ -257,6 +257,54 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
     _write_json(json_path, out.metrics)
 
 
+@cli.command("quantize")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="fp32 checkpoint to quantize.")
+@click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--data", "spec", default=None, help="Calibration and evaluation data; defaults to the checkpoint's own.")
+@click.option("--scheme", default="int8", show_default=True, type=click.Choice(["int8"]))
+@click.option("--calib-images", type=_count(), default=None, help="Training images to calibrate on (default 512).")
+@click.option("--method", default=None, type=click.Choice(["mse", "percentile", "minmax"]),
+              help="Activation range fit (default mse).")
+@click.option("--percentile", type=float, default=None, help="For --method percentile (default 99.99).")
+@click.option("--keep-fp32", "keep_fp32", multiple=True, metavar="PATTERN",
+              help="Layer name pattern left in fp32, e.g. 'head*' (repeatable; see --list-layers).")
+@click.option("--no-equalize", is_flag=True, help="Do not fold per-channel scales of LayerNorm outputs.")
+@click.option("--sparsity", default=None, help="Calibrate under this sparsity config (JSON or SearchResult) or ratio.")
+@click.option("--list-layers", is_flag=True, help="Print the quantizable layers and exit.")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(), help="Folder to write (model.pt, quantization.json).")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
+def quantize_cmd(ckpt_path, model_name, spec, scheme, calib_images, method, percentile, keep_fp32, no_equalize,
+                 sparsity, list_layers, out_dir, json_path) -> None:
+    """Quantize a checkpoint to int8 (calibrated), reporting top-1 before and after and each layer's SQNR."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.data import check_model_fits
+    from edgevit.quantization import quantizable_layers
+    from edgevit.quantize import QuantizeConfig, quantize
+
+    ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    model = ckpt.build_model(quantized=False)
+    if list_layers:
+        for name, layer in quantizable_layers(model).items():
+            click.echo(f"{name:40s} {type(layer).__name__} {tuple(layer.weight.shape)}")
+        return
+    if out_dir is None:
+        raise ConfigError("quantize: pass -o/--out DIR, the folder to write")
+    cfg = _config(QuantizeConfig, "quantize", scheme=scheme, calib_images=calib_images, method=method,
+                  percentile=percentile, keep_fp32=keep_fp32 or None, equalize=False if no_equalize else None)
+    data = _checkpoint_data(ckpt, spec, ckpt_path)
+    check_model_fits(model.cfg, data)
+    _json_outside(json_path, out_dir)
+    result = quantize(ckpt, data, out_dir, _sparsity_from(model, sparsity), cfg, log=click.echo)
+    r = result.record
+    worst = sorted(r["layers"].items(), key=lambda kv: kv[1]["sqnr_db"])[:3]
+    click.echo("lowest SQNR: " + ", ".join(f"{n} {v['sqnr_db']:.1f} dB" for n, v in worst))
+    b = r["weight_bytes"]
+    click.echo(f"quantized {len(r['layers'])} layers ({b['fp32'] / max(b[scheme], 1):.2f}x fewer weight bytes) "
+               f"-> {Path(out_dir) / 'model.pt'} (compile it like any checkpoint)")
+    _write_json(json_path, {"out": str(out_dir), "top1": r["top1"], "weight_bytes": b,
+                            "layers": {n: v["sqnr_db"] for n, v in r["layers"].items()}})
+
+
 @cli.command("flops")
 @click.option("--checkpoint", "ckpt_path", default=None, type=click.Path(), help="Checkpoint (or use --model).")
 @click.option("--model", "model_name", default=None, help="Registered model, with random weights.")
@@ -361,7 +409,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
                 json_path) -> None:
     """Compile a checkpoint with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
-    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.compile import CompileConfig, check_search_scheme, compile_model
     from edgevit.targets import load_target
 
     cfg = _config(CompileConfig, "compile", batch=batch, validate=not no_validate, tuning=not no_tuning,
@@ -372,6 +420,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate
     elif out_dir is None:
         raise ConfigError("compile: pass -o/--out DIR, the artifact folder to write")
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    check_search_scheme(sparsity, ckpt)
     config = _sparsity_from(ckpt.build_model(), sparsity)
     _json_outside(json_path, out_dir)
     artifact = compile_model(ckpt, target, out_dir, config, cfg, log=click.echo)

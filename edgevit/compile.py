@@ -27,7 +27,7 @@ from edgevit.artifact import (
     is_compiled_artifact,
 )
 from edgevit.checkpoint import Checkpoint, library_versions
-from edgevit.errors import ConfigError, DataError
+from edgevit.errors import ConfigError, DataError, EdgeVitError
 from edgevit.fileio import file_sha256, publish_dir
 from edgevit.sparsity import SparsityConfig
 from edgevit.stages import StageRun
@@ -40,10 +40,10 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class CompileConfig:
     batch: int = 1
-    encoding: str = "fp32"
     validate: bool = True
-    max_abs_error: float = 1e-3      # fail past this on logits (the artifact's Tolerance)
+    max_abs_error: float | None = None  # fail past this on logits (the artifact's Tolerance); default per encoding
     min_top1_agreement: float = 99.0  # % of images whose top-1 class matches PyTorch's
+    min_fp32_agreement: float = 95.0  # quantized artifacts: % of validation images whose top-1 matches the fp32 model's
     images: int = 64                 # real validation images (from the checkpoint's data set)
     tuning: bool = True              # use the target's tuning database (`edgevit tune`) if it has records
     database: str | None = None      # a tuning database folder other than the target's default
@@ -53,11 +53,19 @@ class CompileConfig:
             raise ValueError("batch must be >= 1")
         if self.images < 0:
             raise ValueError("images must be >= 0")
-        self.tolerance  # noqa: B018 - validates the limits
+        if not 0 <= self.min_fp32_agreement <= 100:
+            raise ValueError("min_fp32_agreement must be in [0, 100]")
+        self.tolerance("fp32")  # noqa: B018 - validates the limits
 
-    @property
-    def tolerance(self) -> Tolerance:
-        return Tolerance(self.max_abs_error, self.min_top1_agreement)
+    def tolerance(self, encoding: str) -> Tolerance:
+        """Against the PyTorch model the artifact computes like (a quantized one: its fake-quantized
+        twin, whose integer sums match exactly; a rounding flip of one activation code moves a
+        logit by ~1e-2, hence the wider default)."""
+        default = DEFAULT_MAX_ABS_ERROR.get(encoding, DEFAULT_MAX_ABS_ERROR["fp32"])
+        return Tolerance(self.max_abs_error or default, self.min_top1_agreement)
+
+
+DEFAULT_MAX_ABS_ERROR = {"fp32": 1e-3, "int8": 0.1}
 
 
 # ---------------------------------------------------------------------------- steps
@@ -120,10 +128,8 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
                   cfg: CompileConfig = CompileConfig(), log: Log = print) -> CompiledArtifact:
     from edgevit.backend.build import build, export_library, save_weights
     from edgevit.backend.database import schedule_source
-    from edgevit.backend.encodings import get_encoding
     from edgevit.backend.frontend import to_relax
 
-    encode = get_encoding(cfg.encoding)
     target.check_cross_compiler()
     model = ckpt.build_model().eval()
     if sparsity is not None:
@@ -131,7 +137,7 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
     shape = (cfg.batch, *model_input_shape(model))
     with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
         start = time.perf_counter()
-        mod, weights = encode(*to_relax(model, torch.zeros(shape)))
+        mod, weights = to_relax(model, torch.zeros(shape))
         schedules, database = schedule_source(target, cfg.tuning, cfg.database)
         executable = build(mod, target, database)
         log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
@@ -140,14 +146,14 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         save_weights(weights, tmp / WEIGHTS)
         inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
         reference = save_references(model, inputs, cfg.batch, tmp)
-        validation = _validate(tmp, target, model, inputs, source, cfg, log)
+        validation = _validate(tmp, target, model, inputs, source, cfg, log, ckpt)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp)
         replace(manifest, validation=validation,
                 schedules={"source": schedules, "database": str(database) if database else None}).save(tmp)
     return CompiledArtifact.load(out_dir)
 
 
-def _validate(tmp: Path, target: Target, model, inputs, source, cfg: CompileConfig, log: Log) -> dict:
+def _validate(tmp: Path, target: Target, model, inputs, source, cfg: CompileConfig, log: Log, ckpt: Checkpoint) -> dict:
     from edgevit.backend.runtime import Device, Session
 
     if not cfg.validate:
@@ -160,16 +166,38 @@ def _validate(tmp: Path, target: Target, model, inputs, source, cfg: CompileConf
     rng = np.random.default_rng(1)
     noise = rng.standard_normal((cfg.batch * 4, *inputs.shape[1:]), dtype=np.float32)
     result["random"] = compare(session.run, model, noise, cfg.batch)
-    check_validation(result, cfg.tolerance)
+    check_validation(result, cfg.tolerance(ckpt.scheme))
     real = result[source]
     log(f"validated on {real['images']} {source}: max abs error {real['max_abs_error']:.2e}, "
-        f"top-1 agreement {real['top1_agreement']:.1f}%")
+        f"top-1 agreement {real['top1_agreement']:.1f}%" + (f" against the {ckpt.scheme} PyTorch model"
+                                                              if ckpt.quantization else ""))
+    if ckpt.quantization:
+        result["fp32_model"] = _fp32_agreement(session.run, ckpt, model, inputs, source, cfg, log)
     return result
+
+
+def _fp32_agreement(run, ckpt: Checkpoint, model, inputs, source: str, cfg: CompileConfig, log: Log) -> dict:
+    """A quantized artifact against the fp32 model it came from: top-1 agreement on the validation
+    images (reported, and held to min_fp32_agreement), and the max abs error (reported only)."""
+    from edgevit.errors import ValidationError
+
+    fp32 = ckpt.build_model(quantized=False).eval()
+    if hasattr(model, "block_ratios"):
+        fp32.set_block_ratios(model.block_ratios())     # the same sparsity config
+    figures = {**compare(run, fp32, inputs, cfg.batch), "source": source, "min_top1_agreement": cfg.min_fp32_agreement}
+    log(f"against the fp32 model: top-1 agreement {figures['top1_agreement']:.1f}% on {figures['images']} {source} "
+        f"(limit {cfg.min_fp32_agreement:g}%), max abs error {figures['max_abs_error']:.2e}")
+    if figures["top1_agreement"] < cfg.min_fp32_agreement:
+        raise ValidationError(f"the {ckpt.scheme} artifact's top-1 agrees with the fp32 model on only "
+                              f"{figures['top1_agreement']:.1f}% of {source} (limit {cfg.min_fp32_agreement:g}%); "
+                              "the artifact was not written: recalibrate (--method, --keep-fp32) or lower "
+                              "--min-fp32-agreement")
+    return figures
 
 
 def check_validation(result: dict, tolerance: Tolerance) -> None:
     for name, figures in result.items():
-        if isinstance(figures, dict):
+        if isinstance(figures, dict) and name != "fp32_model":
             tolerance.check(figures, name)
 
 
@@ -185,11 +213,28 @@ def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, fo
                "layout": "NCHW", "mean": ckpt.data.get("mean"), "std": ckpt.data.get("std"),
                "classes": ckpt.data.get("classes")},
         output={"shape": list(reference.shape), "dtype": "float32"},
-        encoding=cfg.encoding, tolerance=cfg.tolerance,
+        encoding=ckpt.scheme, tolerance=cfg.tolerance(ckpt.scheme),
         reference={"source": source, "output_sha256": hashlib.sha256(reference.tobytes()).hexdigest()},
         files={name: file_sha256(folder / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
         compile_seconds=round(seconds, 2), config=asdict(cfg), inputs={"checkpoint": ckpt.digest()},
         versions={**library_versions(), "tvm": tvm_version()})
+
+
+def check_search_scheme(sparsity: str | None, ckpt: Checkpoint) -> None:
+    """A search result found its config under one weight encoding's latency (and accuracy);
+    compiling it with a checkpoint of another encoding would deploy what was not searched."""
+    from edgevit.fileio import read_json
+
+    if sparsity is None or not Path(sparsity).is_file():
+        return
+    try:
+        data = read_json(sparsity, "sparsity config", "")
+    except EdgeVitError:
+        return   # SparsityConfig.load reports a bad file in one line
+    scheme = (data.get("inputs") or {}).get("scheme") if isinstance(data, dict) and "pareto" in data else None
+    if scheme is not None and scheme != ckpt.scheme:
+        raise ConfigError(f"{sparsity} was searched for the {scheme} model; this checkpoint is {ckpt.scheme}: "
+                          f"compile the checkpoint the search used, or search again with this one")
 
 
 def model_input_shape(model) -> tuple[int, int, int]:

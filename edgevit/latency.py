@@ -121,7 +121,7 @@ def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> d
     digest = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return {"model": ckpt.model_name, "model_config": digest, "input": [batch, c.get("in_chans"), c.get("img_size"),
             c.get("img_size")], "batch": batch, "target": target.name, "tvm_target": str(target.tvm_target()),
-            "schedules": schedules, "timing": TIMING}
+            "schedules": schedules, "timing": TIMING, "encoding": ckpt.scheme}
 
 
 def default_table_path(key: dict) -> Path:

@@ -487,6 +487,9 @@ def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path
     out_path = Path(out_path)
     if out_path.is_dir():
         raise EdgeVitError(f"{out_path} is a folder; pass the path of the result file to write (-o result.json)")
+    if cfg.finetune and ckpt.quantization is not None:
+        raise ConfigError(f"search --finetune trains the model, which a {ckpt.scheme} checkpoint cannot be: search "
+                          "the fp32 checkpoint with --finetune and quantize the fine-tuned one, or drop --finetune")
     table, _ = ensure_table(ckpt, target, device, ProfileConfig(tuning=cfg.tuning), table_path, log=log)
     measurer = Measurer(ckpt, target, device, ProfileConfig(tuning=table.key["schedules"] != "rules"))
     state = out_path.with_name(out_path.name + ".state.json")
@@ -501,7 +504,8 @@ def run_search(ckpt: Checkpoint, target, cfg: SearchConfig, out_path: str | Path
 
 def search_inputs(ckpt: Checkpoint, table: LatencyTable, cfg: SearchConfig) -> dict:
     """What decides a search's answer: the model, the latency table and the settings."""
-    return {"checkpoint": ckpt.digest(), "table": _settings_digest(cfg, table), "config": asdict(cfg)}
+    return {"checkpoint": ckpt.digest(), "scheme": ckpt.scheme, "table": _settings_digest(cfg, table),
+            "config": asdict(cfg)}
 
 
 def _finetune(ckpt: Checkpoint, result: SearchResult, epochs: int, out_path: Path, log: Log) -> SearchResult:

@@ -46,15 +46,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval", "top-1 of the trained (and adapted) model at uniform sparsity ratios",
           "edgevit.evaluation:EvalConfig", "edgevit.evaluation:run_stage", ("train/model.pt", "adapt/model.pt"),
           ("eval/results.json",)),
-    Stage("profile", "latency table of the adapted (else trained) model on a target",
+    Stage("quantize", "int8 weights and calibrated activations of the adapted (else trained) model; "
+          "later stages profile, search and compile it as int8",
+          "edgevit.quantize:QuantizeConfig", "edgevit.quantize:run_stage", ("adapt/model.pt or train/model.pt",),
+          ("quantize/model.pt", "quantize/quantization.json")),
+    Stage("profile", "latency table of the deployed (quantized, else adapted, else trained) model on a target",
           "edgevit.latency:ProfileStageConfig", "edgevit.latency:run_stage",
-          ("adapt/model.pt or train/model.pt",), ("profile/latency.json",)),
+          ("quantize/model.pt, else adapt/ or train/model.pt",), ("profile/latency.json",)),
     Stage("search", "per-layer sparsity under a latency budget on [profile]'s target",
           "edgevit.search:SearchConfig", "edgevit.search:run_stage",
-          ("adapt/model.pt or train/model.pt", "profile/latency.json"), ("search/result.json",)),
+          ("quantize/model.pt, else adapt/ or train/model.pt", "profile/latency.json"), ("search/result.json",)),
     Stage("compile", "artifacts of the adapted (else trained) model, under the searched sparsity, per target",
           "edgevit.compile:CompileStageConfig", "edgevit.compile:run_stage",
-          ("adapt/model.pt or train/model.pt", "search/result.json"), ("compile/<target>/",)),
+          ("quantize/model.pt, else adapt/ or train/model.pt", "search/result.json"), ("compile/<target>/",)),
     Stage("bench", "latency (and the compiled artifact's own top-1) of every artifact that runs here",
           "edgevit.bench:BenchStageConfig", "edgevit.bench:run_stage", ("compile/<target>/",),
           ("bench/<target>.json",)),
@@ -107,8 +111,11 @@ class StageRun:
             raise EdgeVitError(f"{path} does not exist; add '{stage}' to the recipe's stages or run it first")
         return Checkpoint.load(path)
 
-    def deployed_checkpoint(self):
-        """The model later stages work on: the adapted one when the recipe adapts (or did), else the trained one."""
+    def deployed_checkpoint(self, quantized: bool = True):
+        """The model later stages work on: the quantized one when the recipe quantizes, else the
+        adapted one when the recipe adapts (or did), else the trained one."""
+        if quantized and "quantize" in self.recipe.stages:
+            return self.require("quantize")
         adapted = "adapt" in self.recipe.stages or (self.dir("adapt") / FINAL).exists()
         return self.require("adapt" if adapted else "train")
 

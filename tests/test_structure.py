@@ -7,7 +7,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edgevit"
 # what backend modules may import besides each other: dependency-free shared modules
-BACKEND_MAY_IMPORT = {"edgevit", "edgevit.errors", "edgevit.config", "edgevit.fileio", "edgevit.targets"}
+# edgevit.quantization is model code (the quantized layers the int8 encoding reads), not a stage
+BACKEND_MAY_IMPORT = {"edgevit", "edgevit.errors", "edgevit.config", "edgevit.fileio", "edgevit.targets",
+                      "edgevit.quantization"}
 
 
 def module_name(path: Path) -> str:

@@ -1,20 +1,21 @@
 """Weight encodings: how weights travel through the compile path.
 
-An encoding rewrites the imported Relax module and its weight list (e.g. int8 with scales,
-k-means or product-quantization codebooks decoded inside TVM). `fp32` passes them through.
-New encodings register here; `compile` needs no change.
+An encoding rewrites the imported Relax module and its weight list, given the PyTorch model it
+was imported from (e.g. int8 with scales, k-means or product-quantization codebooks decoded
+inside TVM). `fp32` passes them through. New encodings register here; `compile` needs no change.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable
 
 import numpy as np
 
 from edgevit.config import closest_key_hint
-from edgevit.errors import ConfigError
+from edgevit.errors import ConfigError, EdgeVitError
 
-Encoder = Callable[[object, list[np.ndarray]], tuple[object, list[np.ndarray]]]
+Encoder = Callable[[object, list[np.ndarray], object], tuple[object, list[np.ndarray]]]
 _ENCODINGS: dict[str, Encoder] = {}
 
 
@@ -35,7 +36,141 @@ def list_encodings() -> list[str]:
     return sorted(_ENCODINGS)
 
 
+def model_encoding(model) -> str:
+    """The encoding a PyTorch model compiles with: its quantization scheme, else fp32."""
+    from edgevit.quantization import quantized_layers
+
+    return "int8" if quantized_layers(model) else "fp32"
+
+
 @register_encoding("fp32")
-def fp32(mod, weights: list[np.ndarray]):
+def fp32(mod, weights: list[np.ndarray], _model=None):
     """Weights stay float32 tensors bound as function inputs."""
     return mod, [np.ascontiguousarray(w, dtype=np.float32) for w in weights]
+
+
+@register_encoding("int8")
+def int8(mod, weights: list[np.ndarray], model):
+    """Every matmul whose weight belongs to a quantized layer becomes
+
+        x_u8 = clip(round(x * 1/s_x) + z, 0, 255)              (fused into x's producer)
+        y    = f32(x_u8 @ W_s8 - z * colsum(W)) * (s_x * s_w)   (int32 accumulation, one kernel
+                                                                  with the bias / GELU / residual after it)
+
+    with W_s8 [K, N] int8, the compensation z * colsum(W) [N] int32 and the scales [N] float32 as
+    function inputs in place of the fp32 weight: weights.params holds int8, not fp32 (constants
+    would be re-expanded by FoldConstant, TVM_QUANT.md). Layers are found by their fp32 weight's
+    value (the importer renames parameters; the values pass through unchanged)."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    from edgevit.quantization import quantized_layers
+
+    by_value = {_digest(_as_matrix(m.weight)): (name, m.quant) for name, m in quantized_layers(model).items()}
+    func = mod["main"]
+    n_inputs = int(func.attrs["num_input"])
+    new_params, new_weights, replaced, found = list(func.params[:n_inputs]), [], {}, set()
+    for var, w in zip(func.params[n_inputs:], weights):
+        hit = by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None
+        if hit is None:
+            new_params.append(var)
+            new_weights.append(np.ascontiguousarray(w, dtype=np.float32))
+            continue
+        name, q = hit
+        found.add(name)
+        arrays = _int8_arrays(q)
+        qvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
+                 for suffix, a in zip(("s8", "comp", "scale"), arrays)]
+        replaced[var] = (q, qvars)
+        new_params += qvars
+        new_weights += arrays
+    missing = sorted(set(n for n, _ in by_value.values()) - found)
+    if missing:
+        raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
+                           "compile the model without them (--keep-fp32) or report this model")
+    x_pat, w_pat = wildcard(), wildcard()
+    kernels: dict[tuple, object] = {}
+    builder = relax.BlockBuilder(mod)
+
+    def rewrite(call, matches):
+        w = matches[w_pat]
+        if w not in replaced:
+            return call
+        q, (w_packed, comp, scale) = replaced[w]
+        op = relax.op
+        x = op.multiply(matches[x_pat], relax.const(np.float32(q.inv_input_scale)))
+        codes = op.astype(op.clip(op.add(op.round(x), relax.const(np.float32(q.input_zero_point))), 0, 255), "uint8")
+        dims = [int(d) for d in call.args[0].ty.shape]
+        lead, k, n = dims[:-1], dims[-1], int(comp.ty.shape[0])
+        rows = int(np.prod(lead))
+        padded = -(-rows // TILE_ROWS) * TILE_ROWS   # whole register tiles: 197 tokens -> 200 rows
+        key = (padded, k, n)
+        if key not in kernels:
+            name = f"matmul_u8s8_{len(kernels)}"
+            kernels[key] = builder.add_func(packed_matmul(padded, k, n).with_attr("global_symbol", name), name)
+        codes = op.reshape(codes, [rows, k])                                                # (M, K)
+        if padded != rows:
+            codes = op.nn.pad(codes, [0, padded - rows, 0, 0])                              # (M', K)
+        acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
+                             relax.TensorType([padded, n], "int32"))                       # (M', N)
+        y = op.multiply(op.astype(op.subtract(acc, comp), "float32"), scale)              # (M', N)
+        if padded != rows:
+            y = op.strided_slice(y, [0], [0], [rows])                                       # (M, N)
+        return op.reshape(y, [*lead, n])                                                    # (..., N)
+
+    body = rewrite_call(is_op("relax.matmul")(x_pat, w_pat), rewrite, func).body
+    mod = builder.get()
+    mod["main"] = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
+    return mod, new_weights
+
+
+PANEL_COLS, PANEL_DEPTH = 16, 4   # packed weight panels: 16 output columns x 4 k (one vpdpbusd / sdot x4)
+TILE_ROWS = 4                     # activation rows padded to a multiple of the kernel's register tile
+
+
+def packed_matmul(m: int, k: int, n: int):
+    """TIR of C[i, j] = sum_r i32(A[i, r]) * i32(W[j // 16, r // 4, j % 16, r % 4]): u8
+    activations times s8 weights packed in panels (PANEL_COLS x PANEL_DEPTH), the layout x86
+    VNNI's `vpdpbusd` and ARM's `sdot` read with one vector load (tensorize computes wrong
+    results on unpacked [K, N] weights, TVM_QUANT.md). Marked out-elementwise-fusable so the
+    dequantize / bias / GELU / residual epilogue fuses into it."""
+    from tvm import te, tirx
+
+    def i64(*dims):   # Relax's legalized kernels use int64 shapes; FuseTIR needs them to match
+        return [tirx.IntImm("int64", d) for d in dims]
+
+    a = te.placeholder(i64(m, k), "uint8", name="A")
+    w = te.placeholder(i64(-(-n // PANEL_COLS), -(-k // PANEL_DEPTH), PANEL_COLS, PANEL_DEPTH), "int8", name="W")
+    r = te.reduce_axis(i64(0, k), name="k")
+    c = te.compute(i64(m, n), lambda i, j: te.sum(
+        a[i, r].astype("int32") * w[j // PANEL_COLS, r // PANEL_DEPTH, j % PANEL_COLS, r % PANEL_DEPTH].astype("int32"),
+        axis=r),
+        name="matmul_u8s8")
+    return te.create_prim_func([a, w, c]).with_attr("op_pattern", 4)
+
+
+def _as_matrix(weight) -> np.ndarray:
+    """A linear's [N, K] weight, or a patch conv's [O, C, kh, kw] flattened to [O, C*kh*kw]."""
+    w = weight.detach().cpu().numpy().astype(np.float32)
+    return np.ascontiguousarray(w.reshape(w.shape[0], -1))
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _int8_arrays(q) -> list[np.ndarray]:
+    """(W_s8 packed [N/16, K/4, 16, 4] int8, z * colsum(W_s8) [N] int32, s_x * s_w [N] float32) of one layer."""
+    w = q.qweight.numpy().reshape(q.qweight.shape[0], -1)                                   # (N, K)
+    comp = (q.input_zero_point * w.astype(np.int64).sum(axis=1)).astype(np.int32)           # (N,)
+    return [pack_panels(w), comp, q.output_scale().numpy().astype(np.float32)]
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """[N, K] -> [N/16, K/4, 16, 4] (zero-padded): panel (j, r) holds columns 16j.. at depth 4r.."""
+    n, k = w.shape
+    padded = np.zeros((-(-n // PANEL_COLS) * PANEL_COLS, -(-k // PANEL_DEPTH) * PANEL_DEPTH), w.dtype)
+    padded[:n, :k] = w
+    nb, kb = padded.shape[0] // PANEL_COLS, padded.shape[1] // PANEL_DEPTH
+    panels = padded.reshape(nb, PANEL_COLS, kb, PANEL_DEPTH).transpose(0, 2, 1, 3)         # (N/16, K/4, 16, 4)
+    return np.ascontiguousarray(panels)

@@ -15,11 +15,22 @@ from edgevit.errors import EdgeVitError
 
 
 def to_relax(model: torch.nn.Module, example: torch.Tensor):
-    """torch.export -> Relax IRModule with weights as inputs; returns (mod, weights)."""
+    """torch.export -> Relax IRModule with weights as inputs, in the model's weight encoding (a
+    quantized model's int8 layers as int8 matmuls, see encodings.py); returns (mod, weights)."""
+    from edgevit.backend.encodings import get_encoding, model_encoding
+
+    mod, weights = import_float(model, example)
+    return get_encoding(model_encoding(model))(mod, weights, model)
+
+
+def import_float(model: torch.nn.Module, example: torch.Tensor):
+    """The model's fp32 graph (quantized layers in their fp32 view), with the rewrites below."""
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    with torch.no_grad(), warnings.catch_warnings():
+    from edgevit.quantization import float_view
+
+    with torch.no_grad(), warnings.catch_warnings(), float_view(model):
         # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         exported = torch.export.export(model, (example,))

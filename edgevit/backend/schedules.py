@@ -42,8 +42,9 @@ def schedule_passes(target) -> list:
         rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
         return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in rules], dl.gpu.Fallback())]
     from edgevit.backend.cpu_rules import cpu_rules
+    from edgevit.backend.int8_rules import PackedInt8Matmul
 
-    return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in cpu_rules()])]
+    return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in [PackedInt8Matmul(), *cpu_rules()]])]
 
 
 def prepare_passes(target) -> list:

@@ -1,0 +1,163 @@
+"""The int8 matmul rule: u8 activations x s8 weights packed in 16 x 4 panels (encodings.py) ->
+int32, register-blocked, with the dequantize / bias / GELU / residual epilogue in the write-back.
+
+On x86 CPUs with AVX512-VNNI each 16 x 4 panel step is one `vpdpbusd` (tensorized); elsewhere
+(AVX2, AVX-512 without VNNI, NEON) the same tiling is left to LLVM's vectoriser, which is exact
+(no `pmaddubsw`, whose int16 sums saturate once activations reach 128: TVM_QUANT.md).
+
+TVM 0.27 ships a VNNI intrinsic that does not build under its own LLVM 22 (the instruction now
+takes <64 x i8> operands): edgevit registers its own below.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.base import get_extent
+from tvm.script import tirx as T
+from tvm.target.codegen import target_has_features
+
+from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, _open, _vectorize_copy
+
+PANEL_COLS, PANEL_DEPTH = 16, 4
+ROWS = 4                      # MR: rows of the register tile
+MAX_PANELS = 4                # NR: up to 4 panels of 16 columns -> 16 zmm accumulators of 32
+VNNI_INTRIN = "edgevit_dot_16x4_u8s8_vnni"
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64"),   # 4 activation bytes in every lane
+            B.vload([0, 0], dtype="int8x64"),                           # one 16 x 4 weight panel
+            dtype="int32x16",
+        )
+
+
+def _register_intrinsics() -> None:
+    """Registered on first use only (tvm.s_tir.tensor_intrin, which holds TVM's own, once took
+    82 s to import here, so it is never imported)."""
+    from tvm.s_tir import TensorIntrin
+
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni)
+
+
+def has_vnni(target) -> bool:
+    try:
+        return bool(target_has_features("avx512vnni", target))
+    except Exception:  # noqa: BLE001 - not an x86 target
+        return False
+
+
+def _is_u8s8(sch, block_rv) -> bool:
+    block = sch.get(block_rv)
+    dtypes = sorted(str(r.source.dtype) for r in block.reads)
+    return len(block.writes) == 1 and str(block.writes[0].source.dtype) == "int32" and "uint8" in dtypes \
+        and "int8" in dtypes
+
+
+class PackedInt8Matmul(dl.ScheduleRule):
+    """Loops: parallel(row tiles x column tiles) > k panels > MR rows (unrolled) > NR panels
+    (unrolled) > one 16 x 4 panel step (vpdpbusd, or LLVM-vectorised) on an int32 accumulator
+    tile that the epilogue reads once, as the tile is written back."""
+
+    def apply(self, func, target, _tunable):
+        opened = _open(func, target)
+        if opened is None:
+            return None
+        sch, infos = opened
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1 or not _is_u8s8(sch, reductions[0].block_rv):
+            return None
+        main = reductions[0].block_rv
+        position = [b.block_rv for b in infos].index(main)
+        for producer in reversed(infos[:position]):
+            sch.compute_inline(producer.block_rv)
+        epilogue = [b.block_rv for b in infos[position + 1:]]
+        *lead, n, k = sch.get_loops(main)
+        if len(lead) != 1:
+            return None                    # encodings.py emits [M, K] x panels only
+        m_extent, n_extent, k_extent = (get_extent(sch, lp) for lp in (lead[0], n, k))
+        if not all(isinstance(e, int) for e in (m_extent, n_extent, k_extent)):
+            return None
+        # rows per tile divide M: a predicate inside the tile would stop tensorize (encodings.py
+        # pads ragged token counts to a multiple of ROWS)
+        rows = next(r for r in range(ROWS, 0, -1) if m_extent % r == 0)
+        whole = n_extent % PANEL_COLS == 0 and k_extent % PANEL_DEPTH == 0
+        acc = sch.cache_write(main, 0, "global")
+        rest = _inline_epilogue(sch, epilogue, m_extent)
+        m, n, k = sch.get_loops(main)
+        mo, mi = sch.split(m, [None, rows])
+        if not whole:   # ragged columns or depth (a 10-class head): tiled, left to LLVM
+            no, ni = sch.split(n, [None, PANEL_COLS])
+            sch.reorder(mo, no, k, mi, ni)
+            tile = sch.fuse(mo, no)
+            sch.reverse_compute_at(acc, tile)
+            sch.decompose_reduction(main, k)
+            for block in rest:
+                _vectorize_copy(sch, block, PANEL_COLS)
+            return sch
+        panels = next(p for p in range(MAX_PANELS, 0, -1) if (n_extent // PANEL_COLS) % p == 0)
+        no, ni = sch.split(n, [None, PANEL_COLS])
+        nbo, nbi = sch.split(no, [None, panels])
+        ko, ki = sch.split(k, [None, PANEL_DEPTH])
+        sch.reorder(mo, nbo, ko, mi, nbi, ni, ki)
+        tile = sch.fuse(mo, nbo)
+        if m_extent * n_extent * k_extent >= PARALLEL_MIN_MACS:
+            sch.parallel(tile)
+        sch.reverse_compute_at(acc, tile)
+        init = sch.decompose_reduction(main, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        if has_vnni(target):
+            _register_intrinsics()
+            sch.tensorize(ni, VNNI_INTRIN)
+        else:
+            sch.reorder(ki, ni)
+            sch.unroll(ki)
+            sch.vectorize(ni)
+        sch.unroll(mi)
+        sch.unroll(nbi)
+        out_loops = sch.get_loops(acc)
+        sch.vectorize(sch.split(out_loops[-1], [None, PANEL_COLS])[1])
+        for block in rest:
+            _vectorize_copy(sch, block, PANEL_COLS)
+        return sch
+
+
+def _inline_epilogue(sch, epilogue: list, rows: int) -> list:
+    """Inline the elementwise epilogue into the tile's write-back, up to the first block whose
+    output has fewer rows than the kernel (the slice dropping padded rows: inlined, it would be
+    written out of bounds). Returns the blocks left to run after the tiles."""
+    for i, block in enumerate(epilogue):
+        out = sch.get(block).writes[0].source
+        if int(out.shape[0]) != rows:
+            return epilogue[i:]
+        sch.reverse_compute_inline(block)
+    return []
+

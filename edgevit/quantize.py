@@ -1,0 +1,274 @@
+"""`quantize`: a checkpoint (+ sparsity config) -> a quantized model folder.
+
+OUT/model.pt is a checkpoint (stage "quantize") whose weights are the equalised fp32 model and
+whose quantization record holds the int8 weights and scales (quantization.py); `compile`,
+`profile`, `search`, `eval` and `bench` take it like any checkpoint and run it as int8.
+OUT/quantization.json says what was done and what it cost: the scheme and its settings, the
+calibration, per-layer ranges and output SQNR (which layer hurts), and top-1 before and after on
+the validation and test splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from edgevit.checkpoint import Checkpoint
+from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.fileio import holds_only, publish_dir, write_json
+from edgevit.quantization import METHODS, SAMPLES_PER_LAYER, SCHEMES
+from edgevit.sparsity import SparsityConfig
+from edgevit.stages import FINAL, StageRun
+
+KIND, RECORD = "edgevit.quantization", "quantization.json"
+FILES = (FINAL, RECORD)
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """The recipe's [quantize] table and the `quantize` command's settings."""
+
+    scheme: str = "int8"
+    calib_images: int = 512           # training images the activation ranges are fitted on
+    method: str = "mse"               # activation range: "mse" (least rounding + clipping error), "percentile", "minmax"
+    percentile: float = 99.99         # for method = "percentile"
+    equalize: bool = True             # fold per-channel scales of LayerNorm outputs into the LayerNorm and next linear
+    alpha: float = 0.5                # migration strength of the equalisation (SmoothQuant's default)
+    keep_fp32: tuple[str, ...] = ()   # layer name patterns left in fp32, e.g. "head*" (see `quantize --list-layers`)
+    batch: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme '{self.scheme}' is not one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        if self.calib_images < 1 or self.batch < 1:
+            raise ValueError("calib_images and batch must be >= 1")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile {self.percentile} must be in (50, 100]")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha {self.alpha} must be in [0, 1]")
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A quantize output folder: the checkpoint and its record."""
+
+    folder: Path
+    checkpoint: Checkpoint
+    record: dict = field(repr=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "QuantizedModel":
+        from edgevit.fileio import read_artifact
+
+        folder = Path(folder)
+        record = read_artifact(folder / RECORD, KIND, (1,))
+        return cls(folder, Checkpoint.load(folder / FINAL), record)
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    return (folder / RECORD).is_file() and holds_only(folder, FILES)
+
+
+# ---------------------------------------------------------------------------- the verb
+
+
+def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConfig | None = None,
+             cfg: QuantizeConfig = QuantizeConfig(), log: Log = print) -> QuantizedModel:
+    from edgevit.quantization import apply_quantization, equalize, quantizable_layers
+    from edgevit.train import evaluate
+
+    if ckpt.quantization is not None:
+        raise ConfigError(f"the checkpoint is already quantized ({ckpt.scheme}); quantize its fp32 source instead")
+    model = _prepared(ckpt, sparsity)
+    layers = quantizable_layers(model, cfg.keep_fp32)
+    _check_keep_patterns(model, cfg.keep_fp32)
+    calib = calibration_images(data, ckpt, cfg)
+    spread = equalize(model, _norm_absmax(model, calib, cfg.batch), cfg.alpha) if cfg.equalize else {}
+    samples = _layer_inputs(model, layers, calib, cfg)
+    quants, ranges = {}, {}
+    for name, layer in layers.items():
+        quants[name], ranges[name] = _layer_quant(layer, samples[name], cfg)
+    sqnr = _layer_sqnr(model, quants, calib[: cfg.batch])
+    log(f"quantize: {len(quants)} layers int8 (calibrated on {len(calib)} images, {cfg.method} ranges); "
+        f"lowest layer SQNR {min(sqnr.values()):.1f} dB ({min(sqnr, key=sqnr.get)})" if sqnr else "quantize: no layers")
+    fp32_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reference = _prepared(ckpt, sparsity)
+    apply_quantization(model, quants)
+    top1 = {split: {"fp32": evaluate(reference, data.split(split), *_norm(ckpt, data))["top1"],
+                    cfg.scheme: evaluate(model, data.split(split), *_norm(ckpt, data))["top1"]}
+            for split in ("val", "test")}
+    out = Checkpoint(model_name=ckpt.model_name, model_config=ckpt.model_config, state_dict=fp32_state,
+                     data=ckpt.data, stage="quantize",
+                     config={**asdict(cfg), "source": ckpt.digest(), "sparsity": sparsity.to_dict() if sparsity else None},
+                     metrics={s: {"top1": top1[s][cfg.scheme]} for s in top1},
+                     quantization={"scheme": cfg.scheme, "layers": {n: q.to_dict() for n, q in quants.items()}})
+    record = _record(cfg, ckpt, out, calib, quants, ranges, sqnr, spread, top1, sparsity, model)
+    for split, row in top1.items():
+        log(f"quantize: {split} top-1 fp32 {row['fp32']:.2f}% -> {cfg.scheme} {row[cfg.scheme]:.2f}% "
+            f"({row[cfg.scheme] - row['fp32']:+.2f})")
+    with publish_dir(out_dir, is_quantized_folder, "a quantized model") as tmp:
+        out.save(tmp / FINAL)
+        write_json(tmp / RECORD, record)
+    return QuantizedModel.load(out_dir)
+
+
+def _prepared(ckpt: Checkpoint, sparsity: SparsityConfig | None) -> torch.nn.Module:
+    model = ckpt.build_model().eval()
+    if sparsity is not None:
+        model.set_sparsity(sparsity)
+    return model
+
+
+def _norm(ckpt: Checkpoint, data) -> tuple[list[float], list[float]]:
+    return ckpt.data.get("mean", data.mean), ckpt.data.get("std", data.std)
+
+
+def _check_keep_patterns(model, patterns: tuple[str, ...]) -> None:
+    import fnmatch
+
+    from edgevit.quantization import quantizable_layers
+
+    names = list(quantizable_layers(model))
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise ConfigError(f"--keep-fp32 '{p}' matches no layer; layers are e.g. {', '.join(names[:4])} "
+                              "(list them all with `edgevit quantize --list-layers`)")
+
+
+def calibration_images(data, ckpt: Checkpoint, cfg: QuantizeConfig) -> torch.Tensor:
+    """`calib_images` normalised training images, a seeded random subset."""
+    from edgevit.data import batches
+
+    x, _ = next(batches(data.train, *_norm(ckpt, data), cfg.calib_images, shuffle=True, seed=cfg.seed))
+    return x
+
+
+@torch.no_grad()
+def _run(model, images: torch.Tensor, batch: int) -> None:
+    for i in range(0, len(images), batch):
+        model(images[i:i + batch])
+
+
+@torch.no_grad()
+def _norm_absmax(model, images: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Per LayerNorm that feeds linears: each output channel's max |value| over the images."""
+    from edgevit.quantization import norm_consumers
+
+    absmax, hooks = {}, []
+    for name, ln, _ in norm_consumers(model):
+        def hook(_m, _inp, out, name=name):
+            a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)         # (C,)
+            absmax[name] = torch.maximum(absmax[name], a) if name in absmax else a
+        hooks.append(ln.register_forward_hook(hook))
+    try:
+        _run(model, images, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return absmax
+
+
+@torch.no_grad()
+def _layer_inputs(model, layers: dict, images: torch.Tensor, cfg: QuantizeConfig) -> dict[str, torch.Tensor]:
+    """A seeded sample of each layer's input values (plus its exact min and max)."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+    per_batch = max(1, SAMPLES_PER_LAYER * cfg.batch // len(images))
+    hooks = []
+    for name, layer in layers.items():
+        def hook(_m, inp, _out, name=name):
+            x = inp[0].detach().reshape(-1)
+            pick = torch.randint(len(x), (min(per_batch, len(x)),), generator=gen)
+            parts[name] += [x[pick], x.min()[None], x.max()[None]]
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        _run(model, images, cfg.batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(p) for n, p in parts.items()}
+
+
+def _layer_quant(layer, values: torch.Tensor, cfg: QuantizeConfig):
+    from edgevit.quantization import LayerQuant, activation_params, fit_range, weight_int8
+
+    lo, hi = fit_range(values, cfg.method, cfg.percentile)
+    scale, zero_point = activation_params(lo, hi)
+    qweight, weight_scale = weight_int8(layer.weight)
+    full = (float(values.min()), float(values.max()))
+    return LayerQuant(qweight, weight_scale, scale, zero_point), {"range": [lo, hi], "observed": list(full)}
+
+
+@torch.no_grad()
+def _layer_sqnr(model, quants: dict, images: torch.Tensor) -> dict[str, float]:
+    """Each layer's output SQNR (dB) on its own fp32 inputs: the error its quantization alone adds."""
+    from edgevit.quantization import QuantLinear, QuantPatchConv, sqnr_db
+
+    modules, pairs, hooks = dict(model.named_modules()), {}, []
+    for name in quants:
+        def hook(_m, inp, out, name=name):
+            pairs[name] = (inp[0].detach(), out.detach())
+        hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, q in quants.items():
+        layer = modules[name]
+        twin = QuantLinear(layer, q) if isinstance(layer, torch.nn.Linear) else QuantPatchConv(layer, q)
+        x, y = pairs[name]
+        out[name] = round(sqnr_db(y, twin(x)), 2)
+    return out
+
+
+def _record(cfg, ckpt, out: Checkpoint, calib, quants, ranges, sqnr, spread, top1, sparsity, model) -> dict:
+    fp32_bytes = sum(q.qweight.numel() * 4 for q in quants.values())
+    int8_bytes = sum(q.qweight.numel() + q.weight_scale.numel() * 4 for q in quants.values())
+    layers = {n: {"input_scale": q.input_scale, "input_zero_point": q.input_zero_point, **ranges[n],
+                  "weight_scale": [float(q.weight_scale.min()), float(q.weight_scale.max())], "sqnr_db": sqnr[n],
+                  "shape": list(q.qweight.shape)} for n, q in quants.items()}
+    fp32_layers = [n for n in _all_layers(model) if n not in quants]
+    return {"kind": KIND, "version": 1, "scheme": cfg.scheme, "config": asdict(cfg),
+            "model": ckpt.model_name, "source_checkpoint": ckpt.digest(), "checkpoint": out.digest(),
+            "sparsity": sparsity.to_dict() if sparsity else None,
+            "calibration": {"images": len(calib), "split": "train", "data": ckpt.data.get("spec"),
+                            "method": cfg.method, "equalized": spread},
+            "top1": top1, "layers": layers, "fp32_layers": fp32_layers,
+            "weight_bytes": {"fp32": fp32_bytes, cfg.scheme: int8_bytes}}
+
+
+def _all_layers(model) -> list[str]:
+    from edgevit.quantization import is_patch_conv
+
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_patch_conv(m)]
+
+
+# ---------------------------------------------------------------------------- the recipe stage
+
+
+def run_stage(run: StageRun) -> dict:
+    """The `quantize` recipe stage: OUT/quantize/ from the deployed (adapted, else trained) model,
+    skipped when it was made from that checkpoint with these settings."""
+    cfg = run.config("quantize")
+    ckpt = run.deployed_checkpoint(quantized=False)
+    folder = run.dir("quantize")
+    try:
+        done = QuantizedModel.load(folder)
+        if not run.force and done.record["config"] == asdict(cfg) and done.record["source_checkpoint"] == ckpt.digest():
+            run.log(f"quantize: up to date ({folder})")
+            return {"top1": done.record["top1"], "folder": str(folder)}
+    except EdgeVitError:
+        pass  # absent or damaged: quantize again
+    run.log(f"quantize: {ckpt.model_name} {cfg.scheme} -> {folder}")
+    result = quantize(ckpt, run.data, folder, None, cfg, log=run.log)
+    return {"top1": result.record["top1"], "folder": str(folder)}
