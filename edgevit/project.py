@@ -21,7 +21,7 @@ OPTIONAL = ("checkpoint", "table", "search")
 class Project:
     recipe: str
     out: str
-    checkpoint: str | None      # the model later stages work on (adapted, else trained)
+    checkpoint: str | None      # the model later stages work on (quantized, else adapted, else trained)
     target: str                 # [profile]'s target
     table: str | None           # OUT/profile/latency.json
     search: str | None          # OUT/search/result.json
@@ -38,8 +38,10 @@ class Project:
 def record_run(recipe) -> Project:
     """The project as the run's folder now holds it."""
     out = Path(recipe.out)
-    adapted, trained = out / "adapt" / "model.pt", out / "train" / "model.pt"
-    checkpoint = adapted if adapted.exists() else trained if trained.exists() else None
+    quantized, adapted, trained = (out / stage / "model.pt" for stage in ("quantize", "adapt", "train"))
+    if "quantize" not in recipe.stages:
+        quantized = out / "quantize" / "absent"     # a stale quantized model is not what this recipe deploys
+    checkpoint = next((p for p in (quantized, adapted, trained) if p.exists()), None)
     table, result = out / "profile" / "latency.json", out / "search" / "result.json"
     return Project(str(recipe.path), str(out), str(checkpoint) if checkpoint else None,
                    recipe.sections["profile"].target, str(table) if table.exists() else None,

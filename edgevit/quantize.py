@@ -39,6 +39,7 @@ class QuantizeConfig:
     equalize: bool = True             # fold per-channel scales of LayerNorm outputs into the LayerNorm and next linear
     alpha: float = 0.5                # migration strength of the equalisation (SmoothQuant's default)
     keep_fp32: tuple[str, ...] = ()   # layer name patterns left in fp32, e.g. "head*" (see `quantize --list-layers`)
+    eval_images: int = 0              # top-1 before/after on the first N images of val and test (0: all of them)
     batch: int = 64
     seed: int = 0
 
@@ -47,8 +48,8 @@ class QuantizeConfig:
             raise ValueError(f"scheme '{self.scheme}' is not one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
-        if self.calib_images < 1 or self.batch < 1:
-            raise ValueError("calib_images and batch must be >= 1")
+        if self.calib_images < 1 or self.batch < 1 or self.eval_images < 0:
+            raise ValueError("calib_images and batch must be >= 1, eval_images >= 0")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile {self.percentile} must be in (50, 100]")
         if not 0.0 <= self.alpha <= 1.0:
@@ -102,8 +103,8 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
     fp32_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     reference = _prepared(ckpt, sparsity)
     apply_quantization(model, quants)
-    top1 = {split: {"fp32": evaluate(reference, data.split(split), *_norm(ckpt, data))["top1"],
-                    cfg.scheme: evaluate(model, data.split(split), *_norm(ckpt, data))["top1"]}
+    top1 = {split: {"fp32": evaluate(reference, _first(data.split(split), cfg.eval_images), *_norm(ckpt, data))["top1"],
+                    cfg.scheme: evaluate(model, _first(data.split(split), cfg.eval_images), *_norm(ckpt, data))["top1"]}
             for split in ("val", "test")}
     out = Checkpoint(model_name=ckpt.model_name, model_config=ckpt.model_config, state_dict=fp32_state,
                      data=ckpt.data, stage="quantize",
@@ -125,6 +126,12 @@ def _prepared(ckpt: Checkpoint, sparsity: SparsityConfig | None) -> torch.nn.Mod
     if sparsity is not None:
         model.set_sparsity(sparsity)
     return model
+
+
+def _first(images, n: int):
+    from edgevit.data import _subset
+
+    return images if not n or n >= len(images) else _subset(images, torch.arange(n).numpy())
 
 
 def _norm(ckpt: Checkpoint, data) -> tuple[list[float], list[float]]:

@@ -52,6 +52,7 @@ class Report:
     accuracy: dict | None = None                      # eval/results.json: split, dense/adapted {ratio: top-1}
     profile: dict | None = None                       # the latency table's figures
     search: dict | None = None                        # the SearchResult, as saved
+    quantization: dict | None = None                  # quantize/quantization.json (runs that quantize)
     targets: dict = field(default_factory=dict)       # target -> artifact and bench figures
     missing: list = field(default_factory=list)       # {path, what}: parts the run does not have
     problems: list = field(default_factory=list)      # {path, error}: parts there but unreadable
@@ -165,9 +166,19 @@ def read_run(run_dir: str | Path) -> Report:
     accuracy = r.read("eval/results.json", read_eval, stage_hint("eval/results.json"))
     table = r.read("profile/latency.json", LatencyTable.load, stage_hint("profile/latency.json"))
     search = r.read("search/result.json", SearchResult.load, stage_hint("search/result.json"))
+    quant = None
+    if (Path(run_dir) / "quantize").exists():     # optional: only runs that quantize have it
+        from edgevit.quantize import QuantizedModel
+
+        quant = r.read("quantize/quantization.json", lambda p: QuantizedModel.load(p.parent),
+                       stage_hint("quantize/quantization.json"))
+        if quant is not None:
+            c = quant.checkpoint
+            models["quantize"] = {"model": c.model_name, "stage": c.stage, "data": c.data.get("spec"), "metrics": c.metrics}
     targets, samples = read_targets(r)
     return Report(str(run_dir), models, accuracy, table and profile_figures(table),
-                  search and _without_kind(search.to_dict()), targets, r.missing, r.problems, r.sources, samples)
+                  search and _without_kind(search.to_dict()), quant and _without_kind(quant.record), targets,
+                  r.missing, r.problems, r.sources, samples)
 
 
 def read_eval(path: Path) -> dict:
@@ -271,8 +282,10 @@ class Section:
 def sections(rep: Report) -> list[Section]:
     """The report's content, rendered alike as Markdown and HTML."""
     plots = set(rep.plots())
-    doc = [models_section(rep), accuracy_section(rep), profile_section(rep), search_section(rep, plots),
-           targets_section(rep, plots)]
+    doc = [models_section(rep), accuracy_section(rep)]
+    if rep.quantization:
+        doc.append(quantization_section(rep.quantization))
+    doc += [profile_section(rep), search_section(rep, plots), targets_section(rep, plots)]
     if rep.missing:
         doc.append(Section("Missing", [Bullets([f"`{m['path']}`: {m['what']}" for m in rep.missing])]))
     if rep.problems:
@@ -286,6 +299,20 @@ def models_section(rep: Report) -> Section:
     rows = [(stage, m["model"], m["data"] or "-", _pct(_top1(m, "val")), _pct(_top1(m, "test")))
             for stage, m in rep.models.items()]
     return Section("Models", [Table(("stage", "model", "data", "val top-1 (%)", "test top-1 (%)"), rows)])
+
+
+def quantization_section(q: dict) -> Section:
+    """Top-1 before and after, weight bytes, and the layers whose quantization hurts most."""
+    scheme = q["scheme"]
+    rows = [(split, _pct(t["fp32"]), _pct(t[scheme]), f"{t[scheme] - t['fp32']:+.2f}") for split, t in q["top1"].items()]
+    b = q["weight_bytes"]
+    worst = sorted(q["layers"].items(), key=lambda kv: kv[1]["sqnr_db"])[:3]
+    return Section(f"Quantization ({scheme})", [
+        f"{len(q['layers'])} layers {scheme}, activations calibrated on {q['calibration']['images']} training images "
+        f"({q['calibration']['method']} ranges); quantized weights {b['fp32'] / 1e3:.1f} kB -> {b[scheme] / 1e3:.1f} kB "
+        f"({b['fp32'] / max(b[scheme], 1):.2f}x smaller).",
+        Table(("split", "fp32 top-1 (%)", f"{scheme} top-1 (%)", "change (points)"), rows),
+        Bullets([f"lowest output SQNR: `{n}` {v['sqnr_db']:.1f} dB" for n, v in worst])])
 
 
 def accuracy_section(rep: Report) -> Section:
