@@ -69,8 +69,8 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str) -> T:
         raise ConfigError(f"{where}: missing required key '{missing[0]}'")
     try:
         return cls(**kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:   # a value holding a line break is shown escaped: one line
+        raise ConfigError(f"{where}: {e}".replace("\r", "\\r").replace("\n", "\\n")) from None
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
