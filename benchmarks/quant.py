@@ -40,11 +40,15 @@ TRAINED = {"swin_fashion": "runs/q/swin_fashion/model.pt", "vit_fashion": "runs/
 
 
 def fashion_at(size: int, channels: int, n_train: int = 512, n_eval: int = 64) -> DataBundle:
-    """Fashion-MNIST resized to `size`, repeated to `channels` (calibration images for random-weight models)."""
-    d = load_data("fashion-mnist", size)
+    """Fashion-MNIST subsets resized to `size`, repeated to `channels` (calibration images for
+    random-weight models; only the subsets are resized, the whole set at 224 would be 3.5 GB)."""
+    import torch.nn.functional as F
+
+    d = load_data("fashion-mnist", 28)
 
     def take(s: ImageSet, n: int) -> ImageSet:
-        return ImageSet(s.images[:n].repeat(1, channels, 1, 1), s.labels[:n], s.classes)
+        x = F.interpolate(s.images[:n].float(), size=(size, size), mode="bilinear", align_corners=False)
+        return ImageSet(x.round().clamp(0, 255).to(torch.uint8).repeat(1, channels, 1, 1), s.labels[:n], s.classes)
 
     return DataBundle(d.spec, take(d.train, n_train), take(d.val, n_eval), take(d.test, n_eval),
                       d.mean * channels, d.std * channels)

@@ -135,8 +135,13 @@ class Checkpoint:
                                   f"{FORMAT_VERSION}; re-save it with this edgevit version")
         try:
             meta = json.loads(payload["meta"])
+            quantization = payload.get("quantization")
+            problem = quantization_problem(quantization)
+            if problem:
+                raise CheckpointError(f"{path}: damaged quantization record ({problem}); quantize the model again "
+                                      "with `edgevit quantize`")
             return cls(state_dict=payload["state_dict"], train_state=payload.get("train_state"),
-                       quantization=payload.get("quantization"), **meta)
+                       quantization=quantization, **meta)
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: damaged checkpoint metadata ({e}); use another checkpoint") from None
 
@@ -155,6 +160,24 @@ class Checkpoint:
         model = create_model(model_name, **overrides)
         load_weights(model, payload, where=str(path))
         return cls.from_model(model, stage="import", config={"source": str(path)})
+
+
+def quantization_problem(q: Any) -> str | None:
+    """What is wrong with a checkpoint's quantization record (None: nothing, or no record)."""
+    if q is None:
+        return None
+    if not isinstance(q, dict) or not isinstance(q.get("scheme"), str) or not isinstance(q.get("layers"), dict) \
+            or not q["layers"]:
+        return "expected a scheme and a non-empty table of layers"
+    for name, layer in q["layers"].items():
+        w, s = (layer.get(k) if isinstance(layer, dict) else None for k in ("qweight", "weight_scale"))
+        if not (isinstance(w, torch.Tensor) and w.dtype == torch.int8 and w.ndim >= 2 and isinstance(s, torch.Tensor)
+                and s.shape == (w.shape[0],)):
+            return f"layer '{name}': int8 weights and one scale per output channel expected"
+        scale, zero = layer.get("input_scale"), layer.get("input_zero_point")
+        if not (isinstance(scale, (int, float)) and scale > 0 and isinstance(zero, int) and 0 <= zero <= 255):
+            return f"layer '{name}': input scale must be > 0 and zero point in [0, 255]"
+    return None
 
 
 def read_torch_file(path: str | Path) -> Any:

@@ -62,10 +62,11 @@ class CompileConfig:
         twin, whose integer sums match exactly; a rounding flip of one activation code moves a
         logit by ~1e-2, hence the wider default)."""
         default = DEFAULT_MAX_ABS_ERROR.get(encoding, DEFAULT_MAX_ABS_ERROR["fp32"])
-        return Tolerance(self.max_abs_error or default, self.min_top1_agreement)
+        return Tolerance(default if self.max_abs_error is None else self.max_abs_error, self.min_top1_agreement)
 
 
 DEFAULT_MAX_ABS_ERROR = {"fp32": 1e-3, "int8": 0.1}
+MIN_AGREEMENT_IMAGES = 32   # fewer real images (or noise only): the fp32 agreement is reported, not enforced
 
 
 # ---------------------------------------------------------------------------- steps
@@ -187,7 +188,7 @@ def _fp32_agreement(run, ckpt: Checkpoint, model, inputs, source: str, cfg: Comp
     figures = {**compare(run, fp32, inputs, cfg.batch), "source": source, "min_top1_agreement": cfg.min_fp32_agreement}
     log(f"against the fp32 model: top-1 agreement {figures['top1_agreement']:.1f}% on {figures['images']} {source} "
         f"(limit {cfg.min_fp32_agreement:g}%), max abs error {figures['max_abs_error']:.2e}")
-    if figures["top1_agreement"] < cfg.min_fp32_agreement:
+    if source != "random" and figures["images"] >= MIN_AGREEMENT_IMAGES and figures["top1_agreement"] < cfg.min_fp32_agreement:
         raise ValidationError(f"the {ckpt.scheme} artifact's top-1 agrees with the fp32 model on only "
                               f"{figures['top1_agreement']:.1f}% of {source} (limit {cfg.min_fp32_agreement:g}%); "
                               "the artifact was not written: recalibrate (--method, --keep-fp32) or lower "

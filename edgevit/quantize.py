@@ -10,6 +10,7 @@ the validation and test splits.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -70,7 +71,11 @@ class QuantizedModel:
         from edgevit.fileio import read_artifact
 
         folder = Path(folder)
-        record = read_artifact(folder / RECORD, KIND, (1,))
+        record = read_artifact(folder / RECORD, KIND, "quantize the model again with `edgevit quantize`")
+        missing = [k for k in ("config", "source_checkpoint", "top1", "layers", "scheme", "weight_bytes",
+                               "calibration") if k not in record]
+        if missing:
+            raise EdgeVitError(f"{folder / RECORD}: damaged quantization record (no '{missing[0]}'); quantize again")
         return cls(folder, Checkpoint.load(folder / FINAL), record)
 
 
@@ -88,9 +93,14 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
 
     if ckpt.quantization is not None:
         raise ConfigError(f"the checkpoint is already quantized ({ckpt.scheme}); quantize its fp32 source instead")
+    from edgevit.fileio import check_replaceable
+
+    check_replaceable(Path(out_dir), is_quantized_folder, "a quantized model")   # before minutes of work
     model = _prepared(ckpt, sparsity)
     layers = quantizable_layers(model, cfg.keep_fp32)
     _check_keep_patterns(model, cfg.keep_fp32)
+    if not layers:
+        raise ConfigError("--keep-fp32 leaves no layer to quantize; keep fewer layers in fp32")
     calib = calibration_images(data, ckpt, cfg)
     spread = equalize(model, _norm_absmax(model, calib, cfg.batch), cfg.alpha) if cfg.equalize else {}
     samples = _layer_inputs(model, layers, calib, cfg)
@@ -271,7 +281,8 @@ def run_stage(run: StageRun) -> dict:
     folder = run.dir("quantize")
     try:
         done = QuantizedModel.load(folder)
-        if not run.force and done.record["config"] == asdict(cfg) and done.record["source_checkpoint"] == ckpt.digest():
+        same = done.record["config"] == json.loads(json.dumps(asdict(cfg)))     # as JSON: tuples read back as lists
+        if not run.force and same and done.record["source_checkpoint"] == ckpt.digest():
             run.log(f"quantize: up to date ({folder})")
             return {"top1": done.record["top1"], "folder": str(folder)}
     except EdgeVitError:

@@ -168,6 +168,11 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
     weights are saved (adaptation restores the dense config there); `stage` names the verb in
     the checkpoint metadata.
     """
+    from edgevit.quantization import quantized_layers
+
+    if quantized_layers(model):
+        raise ConfigError("training a quantized (int8) model is not supported: train or adapt its fp32 source "
+                          "and quantize the result with `edgevit quantize`")
     out_dir = check_training_out(out_dir)
     check_model_fits(model.cfg, data)
     d = setup_distributed()
@@ -336,7 +341,7 @@ def _load_teacher(cfg: TrainConfig, student: nn.Module, device: torch.device) ->
     if not getattr(student.cfg, "distilled", False):
         raise ConfigError(f"teacher {cfg.teacher} given but model '{student.model_name}' has no distillation "
                           "token; use a *_distilled model (e.g. deit_tiny_distilled)")
-    teacher = Checkpoint.load(cfg.teacher).build_model().to(device).eval()
+    teacher = Checkpoint.load(cfg.teacher).build_model(quantized=False).to(device).eval()
     for key in ("in_chans", "num_classes", "img_size"):
         if getattr(teacher.cfg, key) != getattr(student.cfg, key):
             raise DataError(f"teacher {cfg.teacher} has {key}={getattr(teacher.cfg, key)}, the student "

@@ -218,7 +218,7 @@ def test_int8_artifact_matches_the_fake_quantized_model_and_stores_int8(quantize
 
 @pytest.mark.tvm
 @pytest.mark.parametrize("mcpu", ["native", "haswell"])    # VNNI here (tensorized) / AVX2 (LLVM-vectorised)
-@pytest.mark.parametrize("rows,k,n", [(5, 64, 32), (197, 192, 48), (1, 12, 10), (3, 4, 16)])
+@pytest.mark.parametrize("rows,k,n", [(5, 64, 32), (197, 192, 48), (1, 12, 10), (3, 4, 16), (7, 27, 32)])
 def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu):
     """Integer sums are exact, so the compiled layer equals the fake-quantized one up to the last
     float multiply; ragged rows (197 tokens), columns (10 classes) and depth (K % 4) included."""
@@ -254,3 +254,24 @@ def test_search_result_for_int8_is_not_compiled_with_the_fp32_checkpoint(fp32_ck
     out = CliRunner().invoke(cli, ["compile", "--target", "host", "--checkpoint", str(path), "--sparsity",
                                    str(result), "-o", str(tmp_path / "art")])
     assert out.exit_code == 2 and "searched for the int8 model" in out.output
+
+
+def test_a_damaged_quantization_record_is_one_line(quantized, tmp_path):
+    payload = torch.load(quantized.folder / "model.pt", weights_only=True)
+    layer = next(iter(payload["quantization"]["layers"].values()))
+    layer["qweight"] = layer["qweight"].float()
+    torch.save(payload, tmp_path / "bad.pt")
+    from edgevit.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="damaged quantization record .*int8 weights"):
+        Checkpoint.load(tmp_path / "bad.pt")
+
+
+def test_training_a_quantized_model_is_refused(quantized, data, tmp_path):
+    with pytest.raises(ConfigError, match="quantize the result"):
+        train(quantized.checkpoint.build_model(), data, TrainConfig(epochs=1), tmp_path / "t", show_progress=False)
+
+
+def test_keeping_every_layer_in_fp32_is_refused(fp32_ckpt, data, tmp_path):
+    with pytest.raises(ConfigError, match="no layer to quantize"):
+        quantize(fp32_ckpt, data, tmp_path / "q", None, QuantizeConfig(calib_images=8, keep_fp32=("*",)))

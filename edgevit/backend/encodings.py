@@ -66,7 +66,13 @@ def int8(mod, weights: list[np.ndarray], model):
 
     from edgevit.quantization import quantized_layers
 
-    by_value = {_digest(_as_matrix(m.weight)): (name, m.quant) for name, m in quantized_layers(model).items()}
+    by_value: dict[str, tuple[str, object]] = {}
+    for name, m in quantized_layers(model).items():
+        key = _digest(_as_matrix(m.weight))
+        if key in by_value and by_value[key][1] is not m.quant:
+            raise EdgeVitError(f"int8: layers {by_value[key][0]} and {name} have identical weights, so the compiled "
+                               "graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
+        by_value[key] = (name, m.quant)
     func = mod["main"]
     n_inputs = int(func.attrs["num_input"])
     new_params, new_weights, replaced, found = list(func.params[:n_inputs]), [], {}, set()
@@ -87,7 +93,7 @@ def int8(mod, weights: list[np.ndarray], model):
     missing = sorted(set(n for n, _ in by_value.values()) - found)
     if missing:
         raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
-                           "compile the model without them (--keep-fp32) or report this model")
+                           "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
     x_pat, w_pat = wildcard(), wildcard()
     kernels: dict[tuple, object] = {}
     builder = relax.BlockBuilder(mod)
@@ -119,6 +125,10 @@ def int8(mod, weights: list[np.ndarray], model):
         return op.reshape(y, [*lead, n])                                                    # (..., N)
 
     body = rewrite_call(is_op("relax.matmul")(x_pat, w_pat), rewrite, func).body
+    unrewritten = [v.name for v in relax.analysis.free_vars(body) if v in replaced]
+    if unrewritten:
+        raise EdgeVitError(f"int8: weight(s) {', '.join(unrewritten[:3])} are used by something other than a matmul; "
+                           "re-quantize with that layer in `edgevit quantize --keep-fp32`, or report this model")
     mod = builder.get()
     mod["main"] = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
     return mod, new_weights
