@@ -111,6 +111,7 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
     log(f"quantize: {len(quants)} layers int8 (calibrated on {len(calib)} images, {cfg.method} ranges); "
         f"lowest layer SQNR {min(sqnr.values()):.1f} dB ({min(sqnr, key=sqnr.get)})" if sqnr else "quantize: no layers")
     fp32_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fp32_layers = [n for n in quantizable_layers(model) if n not in quants]    # the --keep-fp32 ones
     reference = _prepared(ckpt, sparsity)
     apply_quantization(model, quants)
     top1 = {split: {"fp32": evaluate(reference, _first(data.split(split), cfg.eval_images), *_norm(ckpt, data))["top1"],
@@ -121,7 +122,7 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
                      config={**asdict(cfg), "source": ckpt.digest(), "sparsity": sparsity.to_dict() if sparsity else None},
                      metrics={s: {"top1": top1[s][cfg.scheme]} for s in top1},
                      quantization={"scheme": cfg.scheme, "layers": {n: q.to_dict() for n, q in quants.items()}})
-    record = _record(cfg, ckpt, out, calib, quants, ranges, sqnr, spread, top1, sparsity, model)
+    record = _record(cfg, ckpt, out, calib, quants, ranges, sqnr, spread, top1, sparsity, fp32_layers)
     for split, row in top1.items():
         log(f"quantize: {split} top-1 fp32 {row['fp32']:.2f}% -> {cfg.scheme} {row[cfg.scheme]:.2f}% "
             f"({row[cfg.scheme] - row['fp32']:+.2f})")
@@ -248,13 +249,12 @@ def _layer_sqnr(model, quants: dict, images: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def _record(cfg, ckpt, out: Checkpoint, calib, quants, ranges, sqnr, spread, top1, sparsity, model) -> dict:
+def _record(cfg, ckpt, out: Checkpoint, calib, quants, ranges, sqnr, spread, top1, sparsity, fp32_layers) -> dict:
     fp32_bytes = sum(q.qweight.numel() * 4 for q in quants.values())
     int8_bytes = sum(q.qweight.numel() + q.weight_scale.numel() * 4 for q in quants.values())
     layers = {n: {"input_scale": q.input_scale, "input_zero_point": q.input_zero_point, **ranges[n],
                   "weight_scale": [float(q.weight_scale.min()), float(q.weight_scale.max())], "sqnr_db": sqnr[n],
                   "shape": list(q.qweight.shape)} for n, q in quants.items()}
-    fp32_layers = [n for n in _all_layers(model) if n not in quants]
     return {"kind": KIND, "version": 1, "scheme": cfg.scheme, "config": asdict(cfg),
             "model": ckpt.model_name, "source_checkpoint": ckpt.digest(), "checkpoint": out.digest(),
             "sparsity": sparsity.to_dict() if sparsity else None,
@@ -262,12 +262,6 @@ def _record(cfg, ckpt, out: Checkpoint, calib, quants, ranges, sqnr, spread, top
                             "method": cfg.method, "equalized": spread},
             "top1": top1, "layers": layers, "fp32_layers": fp32_layers,
             "weight_bytes": {"fp32": fp32_bytes, cfg.scheme: int8_bytes}}
-
-
-def _all_layers(model) -> list[str]:
-    from edgevit.quantization import is_patch_conv
-
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) or is_patch_conv(m)]
 
 
 # ---------------------------------------------------------------------------- the recipe stage

@@ -62,14 +62,10 @@ class Matmul(dl.ScheduleRule):
         if opened is None:
             return None
         sch, infos = opened
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or not _spatial_then_reduce(reductions[0].dom_kind()):
+        found = single_reduction(sch, infos, lambda info: _spatial_then_reduce(info.dom_kind()))
+        if found is None:
             return None
-        main = reductions[0]
-        position = [b.block_rv for b in infos].index(main.block_rv)
-        for producer in reversed(infos[:position]):
-            sch.compute_inline(producer.block_rv)       # raises if not inlinable: the rule declines
-        epilogue = [b.block_rv for b in infos[position + 1:]]
+        main, epilogue = found
         lanes = fp32_lanes(target)
         dom_kind = main.dom_kind()
         rows, cols = self._tile_shape(sch, main.block_rv, dom_kind, lanes)
@@ -152,6 +148,19 @@ def _vectorize_copy(sch, block, lanes: int, parallel: bool = True) -> None:
         sch.vectorize(sch.split(inner, [None, lanes])[1])
     if parallel and len(loops) > 1 and elements >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(loops[0])
+
+
+def single_reduction(sch, infos, accept):
+    """(the kernel's one reduction block's info, the epilogue blocks after it) with the producers
+    before it inlined, or None when the kernel has several reductions or `accept(info)` is false."""
+    reductions = [b for b in infos if not b.is_injective()]
+    if len(reductions) != 1 or not accept(reductions[0]):
+        return None
+    main = reductions[0]
+    position = [b.block_rv for b in infos].index(main.block_rv)
+    for producer in reversed(infos[:position]):
+        sch.compute_inline(producer.block_rv)       # raises if not inlinable: the rule declines
+    return main, [b.block_rv for b in infos[position + 1:]]
 
 
 def _spatial_then_reduce(dom_kind: str) -> bool:

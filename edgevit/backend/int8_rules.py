@@ -16,10 +16,10 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, _open, _vectorize_copy
+from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, _open, _vectorize_copy, single_reduction
+from edgevit.backend.encodings import PANEL_COLS, PANEL_DEPTH
+from edgevit.backend.encodings import TILE_ROWS as ROWS  # MR: rows of the register tile (the graph pads to it)
 
-PANEL_COLS, PANEL_DEPTH = 16, 4
-ROWS = 4                      # MR: rows of the register tile
 MAX_PANELS = 4                # NR: up to 4 panels of 16 columns -> 16 zmm accumulators of 32
 VNNI_INTRIN = "edgevit_dot_16x4_u8s8_vnni"
 
@@ -92,14 +92,10 @@ class PackedInt8Matmul(dl.ScheduleRule):
         if opened is None:
             return None
         sch, infos = opened
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1 or not _is_u8s8(sch, reductions[0].block_rv):
+        found = single_reduction(sch, infos, lambda info: _is_u8s8(sch, info.block_rv))
+        if found is None:
             return None
-        main = reductions[0].block_rv
-        position = [b.block_rv for b in infos].index(main)
-        for producer in reversed(infos[:position]):
-            sch.compute_inline(producer.block_rv)
-        epilogue = [b.block_rv for b in infos[position + 1:]]
+        main, epilogue = found[0].block_rv, found[1]
         *lead, n, k = sch.get_loops(main)
         if len(lead) != 1:
             return None                    # encodings.py emits [M, K] x panels only
