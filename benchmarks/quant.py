@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def ort_models(fp32: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor, tmp:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    logging.getLogger().setLevel(logging.ERROR)   # "Axis 1 is out-of-range for weight norm1.weight", per layer
+
     raw, pre = tmp / "fp32.onnx", tmp / "pre.onnx"
     raw.write_bytes(onnx_bytes(fp32, x))
     quant_pre_process(str(raw), str(pre), skip_symbolic_shape=True)
@@ -134,7 +137,10 @@ def run_model(name: str, paths: dict, batches: list[int], seconds: float, thread
         runners, sizes = {}, {}
         for tag, source in (("edgevit fp32", ckpt), ("edgevit int8", q.checkpoint)):
             folder = tmp / f"{name}-{tag.split()[1]}-b{batch}"
-            compile_model(source, load_target("host"), folder, None, CompileConfig(batch=batch, images=8),
+            # random weights leave logits nearly tied: one rounding step flips a noise image's top-1, so
+            # only the max abs error (0.1 on logits) holds those models to their fake-quantized twin
+            compile_model(source, load_target("host"), folder, None,
+                          CompileConfig(batch=batch, images=8, min_top1_agreement=99.0 if trained else 90.0),
                           log=lambda s: None)
             runners[tag], sizes[tag] = edgevit_runner(folder), (folder / "weights.params").stat().st_size
         calib = next(iter(torch.utils.data.DataLoader(data.train.images[:64].float() / 255, batch_size=64)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import write_idx
-from edgevit.data import batches, load_data, parse_spec, read_idx
+from edgevit.data import batches, load_data, load_split, parse_spec, read_idx
 from edgevit.errors import DataError
 
 
@@ -39,6 +39,16 @@ def test_digits_split_is_seeded_disjoint_and_normalised():
     assert a.train.images.shape[1:] == (1, 16, 16) and a.num_classes == 10
     x, _ = next(batches(a.train, a.mean, a.std, 2000))
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-2
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_load_split_is_the_same_images_as_load_data(split):
+    """compile takes a few validation images at the model's size without resizing the whole set:
+    they must be exactly the images (and labels) load_data's split starts with."""
+    whole = load_data("digits", 24, seed=5).split(split)
+    part = load_split("digits", split, 24, 40, seed=5)
+    assert torch.equal(part.images, whole.images[:40]) and torch.equal(part.labels, whole.labels[:40])
+    assert len(load_split("digits", split, 24, 10**6, seed=5)) == len(whole)
 
 
 @pytest.mark.parametrize("seed", [3, 4])
