@@ -82,6 +82,11 @@ class Manifest:
     def batch(self) -> int:
         return self.input_shape[0]
 
+    @property
+    def batches(self) -> tuple[int, ...]:
+        """Every batch size the library runs, its own first (compile --batch 1,8)."""
+        return tuple(self.input.get("batches") or [self.batch])
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -165,6 +170,10 @@ def manifest_problem(d: dict) -> str | None:
         return "target must name a cpu or cuda device, an arch and a name"
     if not isinstance(inp, dict) or not _positive_ints(inp.get("shape"), 4) or inp.get("dtype", "float32") != "float32":
         return "input must be a float32 NCHW shape of four positive sizes"
+    batches = inp.get("batches", [inp["shape"][0]])
+    if not _positive_ints(batches, len(batches) if isinstance(batches, list) else -1) or not batches \
+            or batches[0] != inp["shape"][0] or len(set(batches)) != len(batches):
+        return "input batches must list distinct positive batch sizes, the input shape's first"
     channels = inp["shape"][1]
     for key in ("mean", "std"):
         v = inp.get(key)

@@ -11,7 +11,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,10 +37,13 @@ class BenchConfig:
     warmup_s: float = 2.0
     max_runs: int = 100_000
     data: str | None = None     # a data spec: also run the artifact over its test split for top-1
+    batches: tuple[int, ...] = ()   # batch sizes to measure, each for the whole duration (empty: the artifact's own)
 
     def __post_init__(self):
         if not self.duration_s >= 0 or not self.warmup_s >= 0 or self.min_runs < 1 or self.max_runs < self.min_runs:
             raise ValueError("duration and warm-up must be >= 0 s, min_runs >= 1 and max_runs >= min_runs")
+        if any(b < 1 for b in self.batches) or len(set(self.batches)) != len(self.batches):
+            raise ValueError(f"batches {list(self.batches)} must be distinct sizes >= 1")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class BenchResult:
     config: dict | None = None
     samples_ms: list[float] = field(default_factory=list, repr=False)   # every timed call, in order
     gate: dict | None = None    # the verdict against a baseline or budget (bench --baseline/--against/--budget)
+    by_batch: list[dict] = field(default_factory=list)   # bench --batch 1,8: batch, latency_ms, validity,
+                                                         # throughput_ips of each (the fields above: the first)
 
     def to_dict(self) -> dict:
         return {"kind": BENCH_KIND, "version": 1, **asdict(self)}
@@ -92,6 +97,11 @@ class BenchResult:
         env = self.environment
         head = f"**{Path(self.artifact).name}** on {env.get('device')} ({env.get('cpu') or env.get('target')})"
         lines = [head, "", "| metric | ms |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+        if self.by_batch:
+            lines += ["", "| batch | median ms | p90 ms | img/s |", "|---|---|---|---|"]
+            lines += [f"| {r['batch']} | {r['latency_ms']['median']:.3f} | "
+                      + (f"{r['latency_ms']['p90']:.3f}" if r["latency_ms"].get("p90") is not None else "n/a")
+                      + f" | {r['throughput_ips']:.1f} |" for r in self.by_batch]
         lines += [f"> warning: {w}" for w in self.warnings]
         if self.gate is not None:
             lines += ["", f"**gate: {'pass' if self.gate['pass'] else 'FAIL (' + ', '.join(self.gate['failures']) + ')'}**"]
@@ -150,12 +160,42 @@ def sample(sessions: list[Session], inputs: list[np.ndarray], cfg: BenchConfig, 
 
 def bench(artifact: CompiledArtifact, cfg: BenchConfig = BenchConfig(), rpc: str | None = None,
           key: str | None = None, timeout: float = 60.0, log: Log = print) -> BenchResult:
+    """One artifact on its device; with several `cfg.batches`, each measured in turn, the first
+    in the result's main fields (the one a gate judges) and all of them in `by_batch`."""
+    batches = check_batches(artifact, cfg.batches)
     session = open_session(artifact, rpc, key, timeout)
-    start = time.perf_counter()
-    samples = sample([session], [artifact.reference()[0]], cfg)[0]
-    log(f"{len(samples)} calls in {time.perf_counter() - start - cfg.warmup_s:.1f} s after {cfg.warmup_s:g} s "
-        "of warm-up")
-    return _result(artifact, samples, cfg, session.device, log, session)
+    per_batch = []
+    for batch in batches:
+        start = time.perf_counter()
+        samples = sample([session], [batch_input(artifact, batch)], cfg)[0]
+        log(f"batch {batch}: {len(samples)} calls in {time.perf_counter() - start - cfg.warmup_s:.1f} s after "
+            f"{cfg.warmup_s:g} s of warm-up")
+        per_batch.append(samples)
+    result = _result(artifact, per_batch[0], cfg, session.device, log, session, batches[0])
+    if len(batches) == 1:
+        return result
+    return replace(result, by_batch=[_batch_summary(b, s) for b, s in zip(batches, per_batch)])
+
+
+def check_batches(artifact: CompiledArtifact, wanted: tuple[int, ...]) -> tuple[int, ...]:
+    """The batch sizes to measure (default: the artifact's own); one it has no function for, named."""
+    have = artifact.manifest.batches
+    missing = [b for b in wanted if b not in have]
+    if missing:
+        raise ConfigError(f"{artifact.path} runs batch {', '.join(map(str, have))}, not {', '.join(map(str, missing))}; "
+                          f"compile it with --batch {','.join(map(str, (*have, *missing)))}")
+    return tuple(wanted) or have[:1]
+
+
+def batch_input(artifact: CompiledArtifact, batch: int) -> np.ndarray:
+    """A batch of `batch` inputs: the reference batch, repeated or cut to size."""
+    x = artifact.reference()[0]
+    return np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+
+
+def _batch_summary(batch: int, samples: list[float]) -> dict:
+    stats, validity = summarize(samples)
+    return {"batch": batch, "latency_ms": stats, "validity": validity, "throughput_ips": batch * 1e3 / stats["mean"]}
 
 
 def accuracy_on(session: Session, artifact: CompiledArtifact, spec: str, log: Log) -> dict:
@@ -297,6 +337,9 @@ def gate(head: BenchResult, base: BenchResult | None, cfg: GateConfig) -> dict:
     if base is not None:
         if not head.samples_ms or not base.samples_ms:
             raise ConfigError("a bench result without per-call samples cannot be compared; measure it again")
+        if head.batch != base.batch:
+            raise ConfigError(f"the baseline was measured at batch {base.batch}, this artifact at batch {head.batch}; "
+                              f"measure both at one batch size (--batch {base.batch})")
         ratio = head.latency_ms["median"] / base.latency_ms["median"]
         p = mann_whitney_p(head.samples_ms, base.samples_ms)
         slower = ratio > cfg.factor and p < cfg.alpha
@@ -325,29 +368,32 @@ def bench_pair(head: CompiledArtifact, base: CompiledArtifact, cfg: BenchConfig 
                log: Log = print) -> tuple[BenchResult, BenchResult]:
     """Both artifacts measured in alternating chunks of calls in one run, so a machine that
     slows down or speeds up mid-run moves both alike."""
+    if len(cfg.batches) > 1:
+        raise ConfigError(f"a gate compares one batch size, not {len(cfg.batches)}; pass one --batch with --against")
+    batch = [check_batches(art, cfg.batches)[0] for art in (head, base)]
     sessions = [open_session(art, rpc, key, timeout) for art in (head, base)]
     start = time.perf_counter()
-    samples = sample(sessions, [art.reference()[0] for art in (head, base)], cfg, chunk=16)
+    samples = sample(sessions, [batch_input(art, b) for art, b in zip((head, base), batch)], cfg, chunk=16)
     log(f"{len(samples[0])} calls each, interleaved in chunks of 16, in {time.perf_counter() - start:.1f} s")
-    return tuple(_result(art, s, cfg, session.device, log, session)      # type: ignore[return-value]
-                 for art, s, session in zip((head, base), samples, sessions))
+    return tuple(_result(art, s, cfg, session.device, log, session, b)      # type: ignore[return-value]
+                 for art, s, session, b in zip((head, base), samples, sessions, batch))
 
 
 def _result(artifact: CompiledArtifact, samples: list[float], cfg: BenchConfig, device: Device, log: Log,
-            session: Session | None = None) -> BenchResult:
+            session: Session | None = None, batch: int | None = None) -> BenchResult:
     stats, validity = summarize(samples)
     warnings = [] if stats["cov"] <= HIGH_COV else [
         f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
         "varied; pin clocks, stop other work and measure again"]
     warnings += [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
                  for k, v in validity.items() if not v["valid"]]
-    batch = artifact.manifest.batch
+    batch = batch or artifact.manifest.batch
     accuracy = None
     if cfg.data:
         accuracy = accuracy_on(session or Session(device, artifact.library, artifact.weights), artifact, cfg.data, log)
     return BenchResult(str(artifact.path), stats, validity, batch * 1e3 / stats["mean"], batch, artifact.bytes,
                        _peak_rss_mb() if device.rpc is None else None, environment(artifact, device), warnings,
-                       accuracy, asdict(cfg), [round(v, 6) for v in samples])
+                       accuracy, {**asdict(cfg), "batches": list(cfg.batches)}, [round(v, 6) for v in samples])
 
 
 def gate_error(result: BenchResult):

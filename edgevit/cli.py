@@ -122,6 +122,23 @@ def _count(minimum: int = 1):
     return click.IntRange(min=minimum)
 
 
+class BatchSizes(click.ParamType):
+    """'1' or '1,8': batch sizes, the first the artifact's own."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            sizes = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            sizes = ()
+        if not sizes or min(sizes) < 1:
+            self.fail(f"{value!r} is not a batch size or a comma-separated list of them (e.g. 1 or 1,8)", param, ctx)
+        return sizes
+
+
 def _config(cls, command: str, **given):
     """A stage's config dataclass from the options given (None: the default), one-line errors."""
     from edgevit.errors import ConfigError
@@ -398,22 +415,24 @@ def targets_cmd(json_path) -> None:
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio; "
               "default with the run's checkpoint: its latest search result.")
-@click.option("--batch", type=_count(), default=1, show_default=True)
+@click.option("--batch", "batches", type=BatchSizes(), default="1", show_default=True,
+              help="Batch size; several (1,8): one library function each, weights stored once, the first the "
+              "artifact's own (verify, package), the others for `bench --batch`.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
               help="Artifact folder to write; default with the run's checkpoint: OUT/compile/<target>.")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
-def compile_cmd(target_name, ckpt_path, model_name, sparsity, batch, no_validate, database, no_tuning, out_dir,
+def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_validate, database, no_tuning, out_dir,
                 json_path) -> None:
     """Compile a checkpoint with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, check_search_scheme, compile_model
     from edgevit.targets import load_target
 
-    cfg = _config(CompileConfig, "compile", batch=batch, validate=not no_validate, tuning=not no_tuning,
-                  database=database)
+    cfg = _config(CompileConfig, "compile", batch=batches[0], extra_batches=batches[1:], validate=not no_validate,
+                  tuning=not no_tuning, database=database)
     target = load_target(target_name)
     if ckpt_path is None:
         ckpt_path, sparsity, out_dir = _compile_inputs_from_project(target.name, sparsity, out_dir)
@@ -607,6 +626,9 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
 @click.option("--min-runs", type=_count(), default=100, show_default=True, help="At least this many timed calls.")
 @click.option("--warmup", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Warm-up seconds (not timed).")
 @click.option("--data", "spec", default=None, help="Also run the artifact over this data set's test split: top-1.")
+@click.option("--batch", "batches", type=BatchSizes(), default=None,
+              help="Batch size(s) to measure, each for --duration (1,8); default: the artifact's own. The artifact "
+              "must have been compiled with them (compile --batch 1,8).")
 @click.option("--baseline", "baseline_path", type=click.Path(), default=None,
               help="Gate: compare with a stored bench result JSON (latency, accuracy).")
 @click.option("--against", "against_dir", type=click.Path(), default=None,
@@ -621,8 +643,8 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (for CI job summaries) instead of text.")
 @click.option("-o", "--out", "out_path", type=OutputFile("edgevit.bench_result"), default=None,
               help="Result JSON; default ARTIFACT.bench.json beside the artifact.")
-def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec, baseline_path, against_dir, factor,
-              alpha, max_accuracy_drop, budget, markdown, out_path) -> None:
+def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec, batches, baseline_path, against_dir,
+              factor, alpha, max_accuracy_drop, budget, markdown, out_path) -> None:
     """Measure an artifact's latency on its device: percentiles, throughput, size, environment; with
     --baseline/--against/--budget, gate it (exit 10 latency, 11 accuracy, 12 budget)."""
     from dataclasses import replace
@@ -641,7 +663,8 @@ def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec,
     )
     from edgevit.fileio import check_output_file
 
-    cfg = _config(BenchConfig, "bench", duration_s=duration, min_runs=min_runs, warmup_s=warmup, data=spec)
+    cfg = _config(BenchConfig, "bench", duration_s=duration, min_runs=min_runs, warmup_s=warmup, data=spec,
+                  batches=batches)
     gate_cfg = _config(GateConfig, "bench", factor=factor, alpha=alpha, max_accuracy_drop=max_accuracy_drop,
                        budget=budget)
     if baseline_path and against_dir:
@@ -668,6 +691,10 @@ def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec,
     click.echo(f"{result.environment['device']}: {lat['n']} calls, median {lat['median']:.3f} ms, mean "
                f"{lat['mean']:.3f} ms, min {lat['min']:.3f}, {p}, CoV {lat['cov']:.1%}; "
                f"{result.throughput_ips:.1f} img/s at batch {result.batch}")
+    for row in result.by_batch[1:]:
+        lat = row["latency_ms"]
+        click.echo(f"  batch {row['batch']}: {lat['n']} calls, median {lat['median']:.3f} ms, min {lat['min']:.3f}, "
+                   f"CoV {lat['cov']:.1%}; {row['throughput_ips']:.1f} img/s")
     for w in result.warnings:
         click.echo(f"warning: {w}")
     click.echo(f"wrote {out_path}")

@@ -40,6 +40,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class CompileConfig:
     batch: int = 1
+    extra_batches: tuple[int, ...] = ()   # more batch sizes the library serves (`--batch 1,8`), weights shared
     validate: bool = True
     max_abs_error: float | None = None  # fail past this on logits (the artifact's Tolerance); default per encoding
     min_top1_agreement: float = 99.0  # % of images whose top-1 class matches PyTorch's
@@ -49,8 +50,10 @@ class CompileConfig:
     database: str | None = None      # a tuning database folder other than the target's default
 
     def __post_init__(self):
-        if self.batch < 1:
+        if self.batch < 1 or any(b < 1 for b in self.extra_batches):
             raise ValueError("batch must be >= 1")
+        if len({self.batch, *self.extra_batches}) != 1 + len(self.extra_batches):
+            raise ValueError(f"batch sizes {[self.batch, *self.extra_batches]} repeat one; name each once")
         if self.images < 0:
             raise ValueError("images must be >= 0")
         if not 0 <= self.min_fp32_agreement <= 100:
@@ -75,7 +78,7 @@ MIN_AGREEMENT_IMAGES = 32   # fewer real images (or noise only): the fp32 agreem
 def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int, log: Log = print
                       ) -> tuple[np.ndarray, str]:
     """Real normalised images from the checkpoint's validation split, or seeded noise (said so)."""
-    from edgevit.data import batches, load_data
+    from edgevit.data import batches, load_data, load_split
 
     batch = shape[0]
     count = max(batch, (images // batch) * batch)
@@ -83,11 +86,18 @@ def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int, log
     why = "the checkpoint names no data set"
     if spec:
         try:
-            data = load_data(spec, shape[-1], ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1))
-            x, _ = next(batches(data.val, ckpt.data.get("mean", data.mean), ckpt.data.get("std", data.std), count))
-            if len(x) >= batch:
+            seed, fraction = ckpt.data.get("seed", 0), ckpt.data.get("val_fraction", 0.1)
+            mean, std = ckpt.data.get("mean"), ckpt.data.get("std")
+            if mean is None or std is None:      # a checkpoint without them: the train split's, as training used
+                bundle = load_data(spec, shape[-1], seed, fraction)
+                mean, std = mean or bundle.mean, std or bundle.std
+            x, _ = next(batches(load_split(spec, "val", shape[-1], count, seed, fraction), mean, std, count))
+            if x.shape[1] != shape[1]:
+                why = f"{spec} has {x.shape[1]}-channel images and the model takes {shape[1]}"
+            elif len(x) >= batch:
                 return x[: (len(x) // batch) * batch].numpy(), f"{spec} val images"
-            why = f"{spec} has fewer validation images than one batch of {batch}"
+            else:
+                why = f"{spec} has fewer validation images than one batch of {batch}"
         except (DataError, ConfigError) as e:
             why = f"its data set could not be loaded: {e}"
     log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
@@ -138,7 +148,7 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
     shape = (cfg.batch, *model_input_shape(model))
     with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
         start = time.perf_counter()
-        mod, weights = to_relax(model, torch.zeros(shape))
+        mod, weights = to_relax(model, torch.zeros(shape), cfg.extra_batches, target)
         schedules, database = schedule_source(target, cfg.tuning, cfg.database)
         executable = build(mod, target, database)
         log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
@@ -162,11 +172,14 @@ def _validate(tmp: Path, target: Target, model, inputs, source, cfg: CompileConf
     if not target.runs_here:
         return {"skipped": f"{target.device}/{target.arch} does not run on this machine; "
                            "check on the device with `edgevit verify`"}
-    session = Session(Device("cpu"), tmp / LIBRARY, tmp / WEIGHTS)
+    session = Session(Device("cpu"), tmp / LIBRARY, tmp / WEIGHTS, batches=(cfg.batch, *cfg.extra_batches))
     result = {"device": "local cpu", source: compare(session.run, model, inputs, cfg.batch)}
     rng = np.random.default_rng(1)
     noise = rng.standard_normal((cfg.batch * 4, *inputs.shape[1:]), dtype=np.float32)
     result["random"] = compare(session.run, model, noise, cfg.batch)
+    for batch in cfg.extra_batches:      # each extra batch's function: real images where there are enough
+        data = (source, inputs) if len(inputs) >= batch else ("random", np.resize(noise, (batch, *noise.shape[1:])))
+        result[f"{data[0]}, batch {batch}"] = compare(session.run, model, data[1], batch)
     check_validation(result, cfg.tolerance(ckpt.scheme))
     real = result[source]
     log(f"validated on {real['images']} {source}: max abs error {real['max_abs_error']:.2e}, "
@@ -210,7 +223,8 @@ def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, fo
                 "tvm": target.tvm_target_json()},
         model={"name": ckpt.model_name, "config": asdict(model.cfg), "stage": ckpt.stage},
         sparsity=sparsity.to_dict() if sparsity is not None else None,
-        input={"shape": [cfg.batch, *model_input_shape(model)], "dtype": "float32",
+        input={"shape": [cfg.batch, *model_input_shape(model)], "batches": [cfg.batch, *cfg.extra_batches],
+               "dtype": "float32",
                "layout": "NCHW", "mean": ckpt.data.get("mean"), "std": ckpt.data.get("std"),
                "classes": ckpt.data.get("classes")},
         output={"shape": list(reference.shape), "dtype": "float32"},

@@ -204,7 +204,7 @@ class Measurer:
 
         depths = tuple(self.model.cfg.depths)
         self.model.set_block_ratios([[knobs[b // 2] for b in range(d)] for knobs, d in zip(block_ratios, depths)])
-        mod, weights = to_relax(self.model, torch.zeros(self.shape))
+        mod, weights = to_relax(self.model, torch.zeros(self.shape), target=self.target)
         executable = build(mod, self.target, self.database)
         with tempfile.TemporaryDirectory(prefix="edgevit-profile-") as tmp:
             # a distinct name per config: uploading over a library the board has loaded breaks it

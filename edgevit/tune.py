@@ -92,7 +92,7 @@ def model_tasks(ckpt: Checkpoint, target: Target, sparsity: SparsityConfig | Non
     if sparsity is not None:
         model.set_sparsity(sparsity)
     c = model.cfg
-    mod, _ = to_relax(model, torch.zeros(batch, c.in_chans, c.img_size, c.img_size))
+    mod, _ = to_relax(model, torch.zeros(batch, c.in_chans, c.img_size, c.img_size), target=target)
     return ms_.extract_tasks(mod, target)
 
 

@@ -25,7 +25,7 @@ def open_session(artifact: CompiledArtifact, rpc: str | None = None, key: str | 
     target = artifact.manifest.target
     device = Device(kind=target["device"], rpc=rpc, key=key or target.get("rpc_key"), timeout=timeout)
     check_runs_here(artifact, device)
-    return Session(device, artifact.library, artifact.weights)
+    return Session(device, artifact.library, artifact.weights, batches=artifact.manifest.batches)
 
 
 def verify(artifact: CompiledArtifact, rpc: str | None = None, key: str | None = None,

@@ -18,26 +18,50 @@ def board():
     stop(EMU, log=lambda _: None)
 
 
-def test_rasp4b_artifact_runs_on_the_emulated_board(board, tmp_path):
-    from edgevit.compile import CompileConfig, compile_model
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     from edgevit.data import load_data
     from edgevit.models import create_model
+    from edgevit.train import TrainConfig, train
+
+    data = load_data("digits", 32)
+    return train(create_model("swin_micro", img_size=32), data, TrainConfig(epochs=1, batch_size=64),
+                 tmp_path_factory.mktemp("ckpt"), show_progress=False), data
+
+
+def test_rasp4b_artifact_runs_on_the_emulated_board(board, trained, tmp_path):
+    from edgevit.compile import CompileConfig, compile_model
     from edgevit.sparsity import SparsityConfig
     from edgevit.targets import load_target
-    from edgevit.train import TrainConfig, train
     from edgevit.verify import verify
 
     s = status(board)
     assert s["tracker_running"] and s["server_running"] and board.key in s["keys"]
-    data = load_data("digits", 32)
-    ckpt = train(create_model("swin_micro", img_size=32), data, TrainConfig(epochs=1, batch_size=64),
-                 tmp_path / "ckpt", show_progress=False)
+    ckpt, _ = trained
     sparsity = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0])
     art = compile_model(ckpt, load_target("rasp4b"), tmp_path / "arm", sparsity, CompileConfig(batch=2),
                         log=lambda _: None)
     result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
     assert result["ok"] and result["max_abs_error"] < 1e-4, result
     assert "rasp4b" in result["device"]
+
+
+@pytest.mark.parametrize("target", ["rasp5", "rasp4b"])     # s8 activations into sdot / u8, LLVM-vectorised
+def test_int8_artifact_matches_on_the_emulated_board(board, trained, target, tmp_path):
+    """The int8 kernels for ARM, run (qemu implements the dot-product extension) against the
+    fake-quantized PyTorch model they were compiled from, within the manifest's tolerance."""
+    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.quantize import QuantizeConfig, quantize
+    from edgevit.targets import load_target
+    from edgevit.verify import verify
+
+    ckpt, data = trained
+    q = quantize(ckpt, data, tmp_path / "q", None, QuantizeConfig(calib_images=64), log=lambda _: None)
+    art = compile_model(q.checkpoint, load_target(target), tmp_path / "arm", None, CompileConfig(batch=2),
+                        log=lambda _: None)
+    assert art.manifest.encoding == "int8"
+    result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
+    assert result["ok"] and result["max_abs_error"] < 0.05 and result["top1_agreement"] >= 99, result
 
 
 def test_unknown_key_is_reported(board, tmp_path):

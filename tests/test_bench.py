@@ -41,8 +41,8 @@ def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     ckpt = train(create_model("vit_micro", img_size=16), load_data("digits", 16), TrainConfig(epochs=2, lr=3e-3),
                  root / "ckpt", show_progress=False)
-    return compile_model(ckpt, load_target("host"), root / "art", None, CompileConfig(batch=4, images=16),
-                         log=lambda _: None), ckpt
+    return compile_model(ckpt, load_target("host"), root / "art", None,
+                         CompileConfig(batch=4, extra_batches=(1, 8), images=16), log=lambda _: None), ckpt
 
 
 def test_bench_samples_every_call_and_runs_the_artifact_over_the_test_split(artifact, tmp_path):
@@ -83,6 +83,58 @@ def test_bench_cli_writes_beside_the_artifact_and_refuses_a_foreign_file(artifac
     r = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "notes.json")])
     assert r.exit_code == 1 and "not a bench result edgevit wrote" in r.stderr
     assert (tmp_path / "notes.json").read_text() == "not json"
+
+
+def test_one_artifact_serves_each_batch_it_was_compiled_for(artifact):
+    """compile --batch 4,1,8: one library function per batch size over one copy of the weights,
+    each checked against PyTorch at compile time and here; bench measures any of them."""
+    from edgevit.backend.runtime import Device, Session
+    from edgevit.errors import ConfigError
+
+    art, ckpt = artifact
+    assert art.manifest.batches == (4, 1, 8) and art.manifest.batch == 4
+    checked = {k for k, v in art.manifest.validation.items() if isinstance(v, dict) and "max_abs_error" in v}
+    assert {"digits val images, batch 1", "digits val images, batch 8"} <= checked
+    session = Session(Device("cpu"), art.library, art.weights, batches=art.manifest.batches)
+    x = np.random.default_rng(0).standard_normal((8, 1, 16, 16), dtype=np.float32)
+    model = ckpt.build_model().eval()
+    with torch.no_grad():
+        for n in (8, 1, 4):
+            assert np.abs(session.run(x[:n]) - model(torch.from_numpy(x[:n])).numpy()).max() < 1e-3
+    with pytest.raises(ConfigError, match="not 3; recompile with --batch 4,1,8,3"):
+        session.run(x[:3])
+    result = bench(art, BenchConfig(duration_s=0.0, min_runs=8, warmup_s=0.0, batches=(8, 1)), log=lambda _: None)
+    assert result.batch == 8 and [r["batch"] for r in result.by_batch] == [8, 1]
+    assert result.latency_ms == result.by_batch[0]["latency_ms"]
+    assert result.throughput_ips == pytest.approx(8e3 / result.latency_ms["mean"])
+    assert result.by_batch[1]["throughput_ips"] == pytest.approx(1e3 / result.by_batch[1]["latency_ms"]["mean"])
+    assert "| 8 |" in result.markdown() and "| 1 |" in result.markdown()
+    with pytest.raises(ConfigError, match="runs batch 4, 1, 8, not 2; compile it with --batch 4,1,8,2"):
+        bench(art, BenchConfig(batches=(2,)), log=lambda _: None)
+
+
+def test_bench_cli_batches(artifact):
+    art, _ = artifact
+    args = ["bench", str(art.path), "--duration", "0", "--min-runs", "8", "--warmup", "0"]
+    r = CliRunner().invoke(cli, [*args, "--batch", "1,8"])
+    assert r.exit_code == 0, r.output
+    assert "at batch 1" in r.output and "  batch 8:" in r.output
+    for bad in ("0", "1,x", ""):
+        r = CliRunner().invoke(cli, [*args, "--batch", bad])
+        assert r.exit_code == 2 and "is not a batch size" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = CliRunner().invoke(cli, [*args, "--batch", "1,1"])
+    assert r.exit_code == 2 and "must be distinct" in r.stderr
+
+
+def test_gate_refuses_results_of_two_batch_sizes():
+    from dataclasses import replace
+
+    from edgevit.bench import GateConfig, gate
+    from edgevit.errors import ConfigError
+
+    base = fake_result([1.0, 1.1, 1.2] * 30)
+    with pytest.raises(ConfigError, match="baseline was measured at batch 1, this artifact at batch 8"):
+        gate(replace(base, batch=8), base, GateConfig())
 
 
 def fake_result(samples, top1=None) -> BenchResult:

@@ -27,6 +27,7 @@ from edgevit.quantization import (
     weight_int8,
 )
 from edgevit.quantize import QuantizeConfig, QuantizedModel, quantize
+from edgevit.targets import load_target
 from edgevit.train import TrainConfig, train
 
 
@@ -201,12 +202,13 @@ def test_int8_artifact_matches_the_fake_quantized_model_and_stores_int8(quantize
     from edgevit.targets import load_target
 
     fp32 = compile_model(fp32_ckpt, load_target("host"), tmp_path / "fp32", None, CompileConfig(), log=lambda _: None)
-    art = compile_model(quantized.checkpoint, load_target("host"), tmp_path / "int8", None, CompileConfig(),
-                        log=lambda _: None)
+    art = compile_model(quantized.checkpoint, load_target("host"), tmp_path / "int8", None,
+                        CompileConfig(extra_batches=(3,)), log=lambda _: None)
     m = art.manifest
-    assert m.encoding == "int8" and m.tolerance.max_abs_error == 0.1
-    real = next(v for k, v in m.validation.items() if k.endswith("val images"))
-    assert real["max_abs_error"] < 0.05 and real["top1_agreement"] == 100.0
+    assert m.encoding == "int8" and m.tolerance.max_abs_error == 0.1 and m.batches == (1, 3)
+    for suffix in ("val images", "val images, batch 3"):     # the batch-3 function shares the int8 weights
+        real = next(v for k, v in m.validation.items() if k.endswith(suffix))
+        assert real["max_abs_error"] < 0.05 and real["top1_agreement"] == 100.0
     assert m.validation["fp32_model"]["top1_agreement"] >= 95.0
     params = tvm.runtime.load_param_dict((tmp_path / "int8" / "weights.params").read_bytes())
     int8_bytes = sum(p.numpy().nbytes for p in params.values() if p.dtype == "int8")
@@ -217,9 +219,13 @@ def test_int8_artifact_matches_the_fake_quantized_model_and_stores_int8(quantize
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("mcpu", ["native", "haswell"])    # VNNI here (tensorized) / AVX2 (LLVM-vectorised)
+@pytest.mark.parametrize("mcpu,encoded_for", [
+    ("native", None),       # VNNI here (tensorized), u8 activations
+    ("haswell", None),      # AVX2: LLVM-vectorised
+    ("native", "rasp5"),    # the s8 activations ARM's sdot takes (the kernel itself: test_int8_kernels_use_sdot...)
+])
 @pytest.mark.parametrize("rows,k,n", [(5, 64, 32), (197, 192, 48), (1, 12, 10), (3, 4, 16), (7, 27, 32)])
-def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu):
+def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu, encoded_for):
     """Integer sums are exact, so the compiled layer equals the fake-quantized one up to the last
     float multiply; ragged rows (197 tokens), columns (10 classes) and depth (K % 4) included."""
     import tvm
@@ -234,7 +240,7 @@ def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu):
     q, ws = weight_int8(layer.weight)
     model = apply_quantization(nn.Sequential(layer), {"0": LayerQuant(q, ws, 0.03, 100)}).eval()
     x = torch.randn(1, rows, k)
-    mod, weights = to_relax(model, x)
+    mod, weights = to_relax(model, x, target=load_target(encoded_for) if encoded_for else None)
     target = tvm.target.Target(_resolve_native({"kind": "llvm", "mcpu": mcpu}))
     with tvm.transform.PassContext(opt_level=3):
         exe = relax.build(mod, target, relax_pipeline=relax_pipeline(target))
@@ -243,6 +249,33 @@ def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tvm
+def test_int8_kernels_use_sdot_on_arm_with_dot_products():
+    """Cortex-A76 (+dotprod): each 16 x 4 panel step is four `sdot` on s8 activations; the A72 has
+    no sdot and gets LLVM's widening multiply-accumulates (the numbers: the emulated board test)."""
+    import tvm
+    from tvm import relax
+
+    from edgevit.backend.frontend import to_relax
+    from edgevit.backend.schedules import relax_pipeline
+
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    q, ws = weight_int8(layer.weight)
+    model = apply_quantization(nn.Sequential(layer), {"0": LayerQuant(q, ws, 0.03, 100)}).eval()
+    asm = {}
+    for name in ("rasp5", "rasp4b"):
+        target = load_target(name)
+        mod, _ = to_relax(model, torch.randn(1, 8, 64), target=target)
+        tvm_target = target.tvm_target()
+        with tvm.transform.PassContext(opt_level=3):
+            exe = relax.build(mod, tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+        asm[name] = "\n".join(m.inspect_source("s") for m in exe.mod.imports if m.kind == "llvm")
+    kernel = lambda text: text[text.index("matmul_s8s8" if "matmul_s8s8" in text else "matmul_u8s8"):]  # noqa: E731
+    assert kernel(asm["rasp5"]).count("sdot\t") >= 4
+    assert "sdot" not in asm["rasp4b"] and "matmul_u8s8" in asm["rasp4b"]
 
 
 @pytest.mark.tvm

@@ -15,7 +15,7 @@ import numpy as np
 from edgevit.config import closest_key_hint
 from edgevit.errors import ConfigError, EdgeVitError
 
-Encoder = Callable[[object, list[np.ndarray], object], tuple[object, list[np.ndarray]]]
+Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, model, signed_activations=False)
 _ENCODINGS: dict[str, Encoder] = {}
 
 
@@ -44,13 +44,13 @@ def model_encoding(model) -> str:
 
 
 @register_encoding("fp32")
-def fp32(mod, weights: list[np.ndarray], _model=None):
+def fp32(mod, weights: list[np.ndarray], _model=None, **_options):
     """Weights stay float32 tensors bound as function inputs."""
     return mod, [np.ascontiguousarray(w, dtype=np.float32) for w in weights]
 
 
 @register_encoding("int8")
-def int8(mod, weights: list[np.ndarray], model):
+def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False):
     """Every matmul whose weight belongs to a quantized layer becomes
 
         x_u8 = clip(round(x * 1/s_x) + z, 0, 255)              (fused into x's producer)
@@ -60,9 +60,12 @@ def int8(mod, weights: list[np.ndarray], model):
     with W_s8 [K, N] int8, the compensation z * colsum(W) [N] int32 and the scales [N] float32 as
     function inputs in place of the fp32 weight: weights.params holds int8, not fp32 (constants
     would be re-expanded by FoldConstant, TVM_QUANT.md). Layers are found by their fp32 weight's
-    value (the importer renames parameters; the values pass through unchanged)."""
+    value (the importer renames parameters; the values pass through unchanged).
+
+    `signed_activations` (ARM with the dot-product extension, whose `sdot` multiplies s8 by s8):
+    the codes are x_u8 - 128 as int8, the same numbers shifted, and the compensation becomes
+    (z - 128) * colsum(W)."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
     from edgevit.quantization import quantized_layers
 
@@ -73,30 +76,40 @@ def int8(mod, weights: list[np.ndarray], model):
             raise EdgeVitError(f"int8: layers {by_value[key][0]} and {name} have identical weights, so the compiled "
                                "graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
         by_value[key] = (name, m.quant)
-    func = mod["main"]
-    n_inputs = int(func.attrs["num_input"])
-    new_params, new_weights, replaced, found = list(func.params[:n_inputs]), [], {}, set()
-    for var, w in zip(func.params[n_inputs:], weights):
-        hit = by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None
-        if hit is None:
-            new_params.append(var)
-            new_weights.append(np.ascontiguousarray(w, dtype=np.float32))
-            continue
-        name, q = hit
-        found.add(name)
-        arrays = _int8_arrays(q)
-        qvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
-                 for suffix, a in zip(("s8", "comp", "scale"), arrays)]
-        replaced[var] = (q, qvars)
-        new_params += qvars
-        new_weights += arrays
-    missing = sorted(set(n for n, _ in by_value.values()) - found)
+    layers = [by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None for w in weights]
+    missing = sorted(set(n for n, _ in by_value.values()) - {hit[0] for hit in layers if hit})
     if missing:
         raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
                            "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
+    shift = SIGNED_SHIFT if signed_activations else 0
+    arrays = [_int8_arrays(hit[1], shift) if hit else [np.ascontiguousarray(w, dtype=np.float32)]
+              for w, hit in zip(weights, layers)]
+    builder, kernels = relax.BlockBuilder(mod), {}
+    rewritten = {gv: _int8_function(func, layers, arrays, builder, kernels, shift)   # `main`, one per extra batch
+                 for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
+    out = builder.get()
+    for gv, func in rewritten.items():
+        out[gv] = func
+    return out, [a for per_weight in arrays for a in per_weight]
+
+
+def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int):
+    """One Relax function with its quantized layers' matmuls as packed u8 x s8 kernels (shared
+    through `kernels` by shape) and their weights replaced by (W_s8, comp, scale) inputs."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    n_inputs = int(func.attrs["num_input"])
+    new_params, replaced = list(func.params[:n_inputs]), {}
+    for var, hit, per_weight in zip(func.params[n_inputs:], layers, arrays):
+        if hit is None:
+            new_params.append(var)
+            continue
+        qvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
+                 for suffix, a in zip(("s8", "comp", "scale"), per_weight)]
+        replaced[var] = (hit[1], qvars)
+        new_params += qvars
     x_pat, w_pat = wildcard(), wildcard()
-    kernels: dict[tuple, object] = {}
-    builder = relax.BlockBuilder(mod)
 
     def rewrite(call, matches):
         w = matches[w_pat]
@@ -105,15 +118,17 @@ def int8(mod, weights: list[np.ndarray], model):
         q, (w_packed, comp, scale) = replaced[w]
         op = relax.op
         x = op.multiply(matches[x_pat], relax.const(np.float32(q.inv_input_scale)))
-        codes = op.astype(op.clip(op.add(op.round(x), relax.const(np.float32(q.input_zero_point))), 0, 255), "uint8")
+        zero = relax.const(np.float32(q.input_zero_point - shift))
+        codes = op.astype(op.clip(op.add(op.round(x), zero), -shift, 255 - shift), "int8" if shift else "uint8")
         dims = [int(d) for d in call.args[0].ty.shape]
         lead, k, n = dims[:-1], dims[-1], int(comp.ty.shape[0])
         rows = int(np.prod(lead))
         padded = -(-rows // TILE_ROWS) * TILE_ROWS   # whole register tiles: 197 tokens -> 200 rows
         key = (padded, k, n)
         if key not in kernels:
-            name = f"matmul_u8s8_{len(kernels)}"
-            kernels[key] = builder.add_func(packed_matmul(padded, k, n).with_attr("global_symbol", name), name)
+            name = f"matmul_{'s8' if shift else 'u8'}s8_{len(kernels)}"
+            prim = packed_matmul(padded, k, n, "int8" if shift else "uint8")
+            kernels[key] = builder.add_func(prim.with_attr("global_symbol", name), name)
         codes = op.reshape(codes, [rows, k])                                                # (M, K)
         if padded != rows:
             codes = op.nn.pad(codes, [0, padded - rows, 0, 0])                              # (M', K)
@@ -129,17 +144,16 @@ def int8(mod, weights: list[np.ndarray], model):
     if unrewritten:
         raise EdgeVitError(f"int8: weight(s) {', '.join(unrewritten[:3])} are used by something other than a matmul; "
                            "re-quantize with that layer in `edgevit quantize --keep-fp32`, or report this model")
-    mod = builder.get()
-    mod["main"] = relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
-    return mod, new_weights
+    return relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
 
 
 PANEL_COLS, PANEL_DEPTH = 16, 4   # packed weight panels: 16 output columns x 4 k (one vpdpbusd / sdot x4)
 TILE_ROWS = 4                     # activation rows padded to a multiple of the kernel's register tile
+SIGNED_SHIFT = 128                # s8 codes = u8 codes - 128 (targets whose dot product is s8 x s8)
 
 
-def packed_matmul(m: int, k: int, n: int):
-    """TIR of C[i, j] = sum_r i32(A[i, r]) * i32(W[j // 16, r // 4, j % 16, r % 4]): u8
+def packed_matmul(m: int, k: int, n: int, a_dtype: str = "uint8"):
+    """TIR of C[i, j] = sum_r i32(A[i, r]) * i32(W[j // 16, r // 4, j % 16, r % 4]): u8 (or s8)
     activations times s8 weights packed in panels (PANEL_COLS x PANEL_DEPTH), the layout x86
     VNNI's `vpdpbusd` and ARM's `sdot` read with one vector load (tensorize computes wrong
     results on unpacked [K, N] weights, TVM_QUANT.md). Marked out-elementwise-fusable so the
@@ -149,13 +163,13 @@ def packed_matmul(m: int, k: int, n: int):
     def i64(*dims):   # Relax's legalized kernels use int64 shapes; FuseTIR needs them to match
         return [tirx.IntImm("int64", d) for d in dims]
 
-    a = te.placeholder(i64(m, k), "uint8", name="A")
+    a = te.placeholder(i64(m, k), a_dtype, name="A")
     w = te.placeholder(i64(-(-n // PANEL_COLS), -(-k // PANEL_DEPTH), PANEL_COLS, PANEL_DEPTH), "int8", name="W")
     r = te.reduce_axis(i64(0, k), name="k")
     c = te.compute(i64(m, n), lambda i, j: te.sum(
         a[i, r].astype("int32") * w[j // PANEL_COLS, r // PANEL_DEPTH, j % PANEL_COLS, r % PANEL_DEPTH].astype("int32"),
         axis=r),
-        name="matmul_u8s8")
+        name="matmul_int8")
     return te.create_prim_func([a, w, c]).with_attr("op_pattern", 4)
 
 
@@ -169,10 +183,11 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
 
 
-def _int8_arrays(q) -> list[np.ndarray]:
-    """(W_s8 packed [N/16, K/4, 16, 4] int8, z * colsum(W_s8) [N] int32, s_x * s_w [N] float32) of one layer."""
+def _int8_arrays(q, shift: int = 0) -> list[np.ndarray]:
+    """(W_s8 packed [N/16, K/4, 16, 4] int8, (z - shift) * colsum(W_s8) [N] int32, s_x * s_w [N]
+    float32) of one layer."""
     w = q.qweight.numpy().reshape(q.qweight.shape[0], -1)                                   # (N, K)
-    comp = (q.input_zero_point * w.astype(np.int64).sum(axis=1)).astype(np.int32)           # (N,)
+    comp = ((q.input_zero_point - shift) * w.astype(np.int64).sum(axis=1)).astype(np.int32)  # (N,)
     return [pack_panels(w), comp, q.output_scale().numpy().astype(np.float32)]
 
 

@@ -14,35 +14,50 @@ from edgevit.backend.build import quiet_tvm_warnings
 from edgevit.errors import EdgeVitError
 
 
-def to_relax(model: torch.nn.Module, example: torch.Tensor):
+def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple[int, ...] = (), target=None):
     """torch.export -> Relax IRModule with weights as inputs, in the model's weight encoding (a
-    quantized model's int8 layers as int8 matmuls, see encodings.py); returns (mod, weights)."""
+    quantized model's int8 layers as int8 matmuls, see encodings.py); returns (mod, weights).
+
+    `main` takes `example`'s batch; each of `extra_batches` gets its own function (`entry_name`:
+    a kernel specialised to its exact row count is faster than one for any batch), all taking
+    the same weights, which the artifact stores once. `target` (an edgevit Target) picks the
+    int8 activation type its dot-product instruction takes."""
     from edgevit.backend.encodings import get_encoding, model_encoding
+    from edgevit.backend.int8_rules import has_sdot
+    from edgevit.backend.runtime import entry_name
 
-    mod, weights = import_float(model, example)
-    return get_encoding(model_encoding(model))(mod, weights, model)
+    batch = int(example.shape[0])
+    examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
+    mod, weights = import_float(model, examples)
+    signed = target is not None and has_sdot(target.tvm_target())
+    return get_encoding(model_encoding(model))(mod, weights, model, signed_activations=signed)
 
 
-def import_float(model: torch.nn.Module, example: torch.Tensor):
-    """The model's fp32 graph (quantized layers in their fp32 view), with the rewrites below."""
+def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
+    """The model's fp32 graph (quantized layers in their fp32 view), one function per named
+    example input, with the rewrites below."""
+    import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     from edgevit.quantization import float_view
 
+    merged, params = tvm.IRModule(), None
     with torch.no_grad(), warnings.catch_warnings(), float_view(model):
         # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        exported = torch.export.export(model, (example,))
-        try:
-            mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
-        except AssertionError as e:
-            ops = re.findall(r"'([\w.:]+)'", str(e))
-            raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
-                               "used by this model; rewrite them with supported ops") from None
-    mod, params = relax.frontend.detach_params(mod)
-    mod = patch_convs_as_matmuls(mod)
-    return precompute_weight_transforms(mod, [p.numpy() for p in params.get("main", [])])
+        for name, example in examples.items():
+            exported = torch.export.export(model, (example,))
+            try:
+                mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+            except AssertionError as e:
+                ops = re.findall(r"'([\w.:]+)'", str(e))
+                raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
+                                   "used by this model; rewrite them with supported ops") from None
+            mod, detached = relax.frontend.detach_params(mod)
+            params = params if params is not None else [p.numpy() for p in detached.get("main", [])]
+            merged[name] = patch_convs_as_matmuls(mod)["main"].with_attr("global_symbol", name)
+    return precompute_weight_transforms(merged, params)
 
 
 def patch_convs_as_matmuls(mod):
@@ -88,13 +103,14 @@ def precompute_weight_transforms(mod, weights: list[np.ndarray]):
     import tvm
     from tvm import relax
 
-    lifted = relax.transform.LiftTransformParams()(mod)
-    transform = "main_transform_params"
+    shared = len([f for f in mod.functions.values() if isinstance(f, relax.Function)]) > 1
+    lifted = relax.transform.LiftTransformParams(shared_transform=shared)(mod)
+    transform = "transform_params" if shared else "main_transform_params"
     if transform not in [gv.name_hint for gv in lifted.functions]:
         return mod, weights
     prepare = tvm.IRModule({"main": lifted[transform].with_attr("global_symbol", "main")})
     with quiet_tvm_warnings():
         vm = relax.VirtualMachine(tvm.compile(prepare, target="llvm"), tvm.cpu())
     transformed = vm["main"]([tvm.runtime.tensor(w) for w in weights])
-    main_only = tvm.IRModule({"main": lifted["main"]})
-    return main_only, [t.numpy() for t in transformed]
+    kept = tvm.IRModule({gv: f for gv, f in lifted.functions.items() if gv.name_hint != transform})
+    return kept, [t.numpy() for t in transformed]

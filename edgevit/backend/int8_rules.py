@@ -1,9 +1,11 @@
-"""The int8 matmul rule: u8 activations x s8 weights packed in 16 x 4 panels (encodings.py) ->
-int32, register-blocked, with the dequantize / bias / GELU / residual epilogue in the write-back.
+"""The int8 matmul rule: u8 (s8 on ARM with dot products) activations x s8 weights packed in
+16 x 4 panels (encodings.py) -> int32, register-blocked, with the dequantize / bias / GELU /
+residual epilogue in the write-back.
 
-On x86 CPUs with AVX512-VNNI each 16 x 4 panel step is one `vpdpbusd` (tensorized); elsewhere
-(AVX2, AVX-512 without VNNI, NEON) the same tiling is left to LLVM's vectoriser, which is exact
-(no `pmaddubsw`, whose int16 sums saturate once activations reach 128: TVM_QUANT.md).
+On x86 CPUs with AVX512-VNNI each 16 x 4 panel step is one `vpdpbusd`, on ARM CPUs with the
+dot-product extension (Cortex-A76/A78, Jetson Orin's CPU) four `sdot` (tensorized); elsewhere
+(AVX2, AVX-512 without VNNI, Cortex-A72) the same tiling is left to LLVM's vectoriser, which is
+exact (no `pmaddubsw`, whose int16 sums saturate once activations reach 128: TVM_QUANT.md).
 
 TVM 0.27 ships a VNNI intrinsic that does not build under its own LLVM 22 (the instruction now
 takes <64 x i8> operands): edgevit registers its own below.
@@ -22,6 +24,7 @@ from edgevit.backend.encodings import TILE_ROWS as ROWS  # MR: rows of the regis
 
 MAX_PANELS = 4                # NR: up to 4 panels of 16 columns -> 16 zmm accumulators of 32
 VNNI_INTRIN = "edgevit_dot_16x4_u8s8_vnni"
+SDOT_INTRIN = "edgevit_dot_16x4_s8s8_sdot"
 
 
 @T.prim_func(s_tir=True)
@@ -59,6 +62,42 @@ def _dot_16x4_vnni(
         )
 
 
+@T.prim_func(s_tir=True)
+def _dot_16x4_s8_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_sdot(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16")
+        for g in T.unroll(4):          # lane i of sdot: C[4g + i] += A[0:4] . B[4g + i, 0:4]
+            C[T.ramp(g * 4, 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
+                C.vload([g * 4], dtype="int32x4"),
+                B.vload([g * 4, 0], dtype="int8x16"),                    # 4 columns x 4 depth
+                a,
+                dtype="int32x4",
+            )
+
+
 def _register_intrinsics() -> None:
     """Registered on first use only (tvm.s_tir.tensor_intrin, which holds TVM's own, once took
     82 s to import here, so it is never imported)."""
@@ -66,20 +105,34 @@ def _register_intrinsics() -> None:
 
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni)
+    if TensorIntrin.get(SDOT_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(SDOT_INTRIN, _dot_16x4_s8_desc, _dot_16x4_sdot)
 
 
 def has_vnni(target) -> bool:
+    return _has_feature("avx512vnni", target)
+
+
+def has_sdot(target) -> bool:
+    """ARM's dot-product extension (`sdot`, s8 x s8): int8 activations are then signed."""
+    return _has_feature("dotprod", target) or _has_feature("has_dotprod", target)
+
+
+def _has_feature(name: str, target) -> bool:
     try:
-        return bool(target_has_features("avx512vnni", target))
-    except Exception:  # noqa: BLE001 - not an x86 target
+        return bool(target_has_features(name, target))
+    except Exception:  # noqa: BLE001 - a feature of another architecture
         return False
 
 
-def _is_u8s8(sch, block_rv) -> bool:
+def _activation_dtype(sch, block_rv) -> str | None:
+    """'uint8' or 'int8' for an int8 matmul block (int8 weights, int32 out), else None."""
     block = sch.get(block_rv)
     dtypes = sorted(str(r.source.dtype) for r in block.reads)
-    return len(block.writes) == 1 and str(block.writes[0].source.dtype) == "int32" and "uint8" in dtypes \
-        and "int8" in dtypes
+    if len(block.writes) != 1 or str(block.writes[0].source.dtype) != "int32" or "int8" not in dtypes:
+        return None
+    others = [d for d in dtypes if d != "int32"]
+    return "uint8" if "uint8" in others else "int8" if others.count("int8") == 2 else None
 
 
 class PackedInt8Matmul(dl.ScheduleRule):
@@ -92,10 +145,11 @@ class PackedInt8Matmul(dl.ScheduleRule):
         if opened is None:
             return None
         sch, infos = opened
-        found = single_reduction(sch, infos, lambda info: _is_u8s8(sch, info.block_rv))
+        found = single_reduction(sch, infos, lambda info: _activation_dtype(sch, info.block_rv) is not None)
         if found is None:
             return None
         main, epilogue = found[0].block_rv, found[1]
+        activations = _activation_dtype(sch, main)
         *lead, n, k = sch.get_loops(main)
         if len(lead) != 1:
             return None                    # encodings.py emits [M, K] x panels only
@@ -130,9 +184,11 @@ class PackedInt8Matmul(dl.ScheduleRule):
         sch.reverse_compute_at(acc, tile)
         init = sch.decompose_reduction(main, ko)
         sch.vectorize(sch.get_loops(init)[-1])
-        if has_vnni(target):
+        intrinsic = {"uint8": VNNI_INTRIN if has_vnni(target) else None,
+                     "int8": SDOT_INTRIN if has_sdot(target) else None}[activations]
+        if intrinsic:
             _register_intrinsics()
-            sch.tensorize(ni, VNNI_INTRIN)
+            sch.tensorize(ni, intrinsic)
         else:
             sch.reorder(ki, ni)
             sch.unroll(ki)

@@ -31,15 +31,24 @@ class Device:
         return f"{self.kind} via {self.rpc} key '{self.key}'" if self.rpc else f"local {self.kind}"
 
 
+def entry_name(batch: int, primary: int) -> str:
+    """The library function that runs a batch of `batch` images: `main` for the batch the
+    artifact was compiled for, `main_b8` for an extra batch size of 8 (compile --batch 1,8)."""
+    return "main" if batch == primary else f"main_b{batch}"
+
+
 class Session:
     """A loaded artifact on a device: `run(x)` returns the output as numpy."""
 
-    def __init__(self, device: Device, library: Path, weights: Path, remote=None):
+    def __init__(self, device: Device, library: Path, weights: Path, remote=None, batches: tuple[int, ...] = ()):
         """`remote`: an open RPC session to load into (several artifacts loaded at once on one
-        board share it: the board serves one session at a time); by default a new one."""
+        board share it: the board serves one session at a time); by default a new one.
+        `batches`: the batch sizes the library has functions for, its own batch first (empty:
+        one function, `main`, whatever batch it takes)."""
         import tvm
 
         self.device = device
+        self.batches = tuple(batches)
         if device.rpc is None:
             self.remote = None
             self.dev = tvm.cuda(0) if device.kind == "cuda" else tvm.cpu(0)
@@ -56,11 +65,20 @@ class Session:
         self.params = [tvm.runtime.tensor(params[f"p{i}"].numpy(), device=self.dev) for i in range(len(params))]
         self.vm = tvm.runtime.vm.VirtualMachine(lib, self.dev)
 
+    def entry(self, x: np.ndarray) -> str:
+        """The function for x's batch; a batch the library was not compiled for, named."""
+        if not self.batches:
+            return "main"
+        if len(x) not in self.batches:
+            raise ConfigError(f"the artifact runs batches of {', '.join(map(str, self.batches))}, not {len(x)}; "
+                              f"recompile with --batch {','.join(map(str, (*self.batches, len(x))))}")
+        return entry_name(len(x), self.batches[0])
+
     def run(self, x: np.ndarray) -> np.ndarray:
         import tvm
 
-        out = self.vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.dev),
-                              *self.params)
+        out = self.vm[self.entry(x)](tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.dev),
+                                     *self.params)
         return out.numpy()
 
     def time_ms(self, x: np.ndarray, number: int = 1, repeat: int = 10) -> list[float]:
@@ -68,7 +86,7 @@ class Session:
         import tvm
 
         arg = tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.dev)
-        timer = self.vm.time_evaluator("main", self.dev, number=number, repeat=repeat)
+        timer = self.vm.time_evaluator(self.entry(x), self.dev, number=number, repeat=repeat)
         return [r * 1e3 for r in timer(arg, *self.params).results]
 
 
