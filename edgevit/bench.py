@@ -174,7 +174,10 @@ def bench(artifact: CompiledArtifact, cfg: BenchConfig = BenchConfig(), rpc: str
     result = _result(artifact, per_batch[0], cfg, session.device, log, session, batches[0])
     if len(batches) == 1:
         return result
-    return replace(result, by_batch=[_batch_summary(b, s) for b, s in zip(batches, per_batch)])
+    summaries = [_batch_summary(b, s) for b, s in zip(batches, per_batch)]
+    extra_warnings = [f"batch {row['batch']}: {w}" for row in summaries[1:]
+                      for w in sample_warnings(row["latency_ms"], row["validity"])]
+    return replace(result, by_batch=summaries, warnings=result.warnings + extra_warnings)
 
 
 def check_batches(artifact: CompiledArtifact, wanted: tuple[int, ...]) -> tuple[int, ...]:
@@ -371,6 +374,9 @@ def bench_pair(head: CompiledArtifact, base: CompiledArtifact, cfg: BenchConfig 
     if len(cfg.batches) > 1:
         raise ConfigError(f"a gate compares one batch size, not {len(cfg.batches)}; pass one --batch with --against")
     batch = [check_batches(art, cfg.batches)[0] for art in (head, base)]
+    if batch[0] != batch[1]:
+        raise ConfigError(f"{head.path} runs batch {batch[0]} and {base.path} batch {batch[1]}; a gate compares one "
+                          f"batch size: pass --batch N that both were compiled for")
     sessions = [open_session(art, rpc, key, timeout) for art in (head, base)]
     start = time.perf_counter()
     samples = sample(sessions, [batch_input(art, b) for art, b in zip((head, base), batch)], cfg, chunk=16)
@@ -382,11 +388,7 @@ def bench_pair(head: CompiledArtifact, base: CompiledArtifact, cfg: BenchConfig 
 def _result(artifact: CompiledArtifact, samples: list[float], cfg: BenchConfig, device: Device, log: Log,
             session: Session | None = None, batch: int | None = None) -> BenchResult:
     stats, validity = summarize(samples)
-    warnings = [] if stats["cov"] <= HIGH_COV else [
-        f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
-        "varied; pin clocks, stop other work and measure again"]
-    warnings += [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
-                 for k, v in validity.items() if not v["valid"]]
+    warnings = sample_warnings(stats, validity)
     batch = batch or artifact.manifest.batch
     accuracy = None
     if cfg.data:
@@ -394,6 +396,15 @@ def _result(artifact: CompiledArtifact, samples: list[float], cfg: BenchConfig, 
     return BenchResult(str(artifact.path), stats, validity, batch * 1e3 / stats["mean"], batch, artifact.bytes,
                        _peak_rss_mb() if device.rpc is None else None, environment(artifact, device), warnings,
                        accuracy, {**asdict(cfg), "batches": list(cfg.batches)}, [round(v, 6) for v in samples])
+
+
+def sample_warnings(stats: dict, validity: dict) -> list[str]:
+    """A high coefficient of variation, and each percentile too few samples support."""
+    warnings = [] if stats["cov"] <= HIGH_COV else [
+        f"coefficient of variation {stats['cov']:.1%} > {HIGH_COV:.0%}: the machine was busy or its clock "
+        "varied; pin clocks, stop other work and measure again"]
+    return warnings + [f"{k} not reported: {stats['n']} samples, {v['samples_needed']} needed"
+                       for k, v in validity.items() if not v["valid"]]
 
 
 def gate_error(result: BenchResult):

@@ -610,6 +610,9 @@ def verify_cmd(artifact_dir, rpc, key, timeout, json_path) -> None:
     result = verify(artifact, rpc=rpc, key=key, timeout=timeout)
     click.echo(f"{result['device']}, {result['images']} {result['source']}: max abs error {result['max_abs_error']:.2e}, "
                f"top-1 agreement {result['top1_agreement']:.1f}% -> {'ok' if result['ok'] else 'MISMATCH'}")
+    for batch, f in result.get("batches", {}).items():
+        click.echo(f"  batch {batch} function: max abs error {f['max_abs_error']:.2e}, top-1 agreement "
+                   f"{f['top1_agreement']:.1f}% on {f['images']} images")
     _write_json(json_path, result)
     if not result["ok"]:
         raise EdgeVitError(f"{artifact_dir}: output on {result['device']} differs from the PyTorch reference")
@@ -672,6 +675,10 @@ def bench_cmd(artifact_dir, rpc, key, timeout, duration, min_runs, warmup, spec,
     out_path = out_path or str(check_output_file(default_out(artifact_dir), "edgevit.bench_result"))
     baseline = BenchResult.load(baseline_path) if baseline_path else None
     artifact = CompiledArtifact.load(artifact_dir)
+    measured = batches[0] if batches else artifact.manifest.batch
+    if baseline is not None and baseline.batch != measured:
+        raise ConfigError(f"{baseline_path} was measured at batch {baseline.batch}, this run would measure batch "
+                          f"{measured}; pass --batch {baseline.batch} (compiled into the artifact) or another baseline")
     log = lambda s: click.echo(s, err=markdown)  # noqa: E731
     if against_dir:
         result, baseline = bench_pair(artifact, CompiledArtifact.load(against_dir), cfg, rpc, key, timeout, log)

@@ -8,6 +8,7 @@ decides what to build, checks it and publishes it.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -330,5 +331,6 @@ def _artifact_up_to_date(folder: Path, ckpt: Checkpoint, sparsity, cfg: CompileC
         m = CompiledArtifact.load(folder).manifest
     except EdgeVitError:
         return False
-    return (m.inputs.get("checkpoint") == ckpt.digest() and m.config == asdict(cfg)
+    as_stored = json.loads(json.dumps(asdict(cfg)))       # as the manifest holds it: tuples read back as lists
+    return (m.inputs.get("checkpoint") == ckpt.digest() and m.config == as_stored
             and m.sparsity == (sparsity.to_dict() if sparsity is not None else None))

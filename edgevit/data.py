@@ -112,6 +112,8 @@ def load_split(spec: str, split: str, image_size: int, limit: int, seed: int = 0
     """The first `limit` images of one split, the same images load_data gives, resized alone: a
     few validation images of Fashion-MNIST at 224 without resizing all 70,000 (44 GB of pixels)."""
     _check_size(image_size)
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     native = dict(zip(SPLITS, _native_splits(spec, seed, val_fraction)))[split]
     return _resize_set(_subset(native, np.arange(min(limit, len(native)))), image_size)
 

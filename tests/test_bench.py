@@ -111,9 +111,14 @@ def test_one_artifact_serves_each_batch_it_was_compiled_for(artifact):
     assert "| 8 |" in result.markdown() and "| 1 |" in result.markdown()
     with pytest.raises(ConfigError, match="runs batch 4, 1, 8, not 2; compile it with --batch 4,1,8,2"):
         bench(art, BenchConfig(batches=(2,)), log=lambda _: None)
+    from edgevit.verify import verify
+
+    checked = verify(art)          # every batch function against the stored PyTorch outputs
+    assert checked["ok"] and set(checked["batches"]) == {"1", "8"}
+    assert all(f["max_abs_error"] < 1e-3 and f["top1_agreement"] == 100.0 for f in checked["batches"].values())
 
 
-def test_bench_cli_batches(artifact):
+def test_bench_cli_batches(artifact, tmp_path):
     art, _ = artifact
     args = ["bench", str(art.path), "--duration", "0", "--min-runs", "8", "--warmup", "0"]
     r = CliRunner().invoke(cli, [*args, "--batch", "1,8"])
@@ -124,6 +129,10 @@ def test_bench_cli_batches(artifact):
         assert r.exit_code == 2 and "is not a batch size" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     r = CliRunner().invoke(cli, [*args, "--batch", "1,1"])
     assert r.exit_code == 2 and "must be distinct" in r.stderr
+    r = CliRunner().invoke(cli, [*args, "--batch", "1", "-o", str(tmp_path / "b1.json")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*args, "--baseline", str(tmp_path / "b1.json"), "--duration", "60"])
+    assert r.exit_code == 2 and "measured at batch 1, this run would measure batch 4" in r.stderr   # before measuring
 
 
 def test_gate_refuses_results_of_two_batch_sizes():

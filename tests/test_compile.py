@@ -57,6 +57,17 @@ def test_verify_locally_matches_reference(host_artifact):
     assert result["ok"] and result["max_abs_error"] < 1e-4
 
 
+def test_an_artifact_made_with_the_same_settings_is_up_to_date(ckpt, host_artifact):
+    """The recipe's compile stage skips an artifact made from this checkpoint, sparsity and settings
+    (the manifest holds them through JSON: tuples come back as lists) and redoes any other."""
+    from edgevit.compile import _artifact_up_to_date
+
+    cfg = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0])
+    assert _artifact_up_to_date(host_artifact.path, ckpt, cfg, CompileConfig(batch=2, images=32))
+    assert not _artifact_up_to_date(host_artifact.path, ckpt, cfg, CompileConfig(batch=2, images=32, extra_batches=(4,)))
+    assert not _artifact_up_to_date(host_artifact.path, ckpt, None, CompileConfig(batch=2, images=32))
+
+
 def test_verify_judges_by_the_tolerance_recorded_at_compile_time(host_artifact, tmp_path):
     """compile, verify and the bundle's loader share one tolerance: the manifest's."""
     import shutil
