@@ -2,6 +2,7 @@
 the compiled int8 artifact (packed panels, VNNI and plain kernels) against the fake-quantized model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -219,10 +220,27 @@ def test_int8_artifact_matches_the_fake_quantized_model_and_stores_int8(quantize
 
 
 @pytest.mark.tvm
+def test_int8_artifact_for_a_jetson_carries_int8_weights(quantized, tmp_path):
+    import tvm
+
+    from edgevit.compile import CompileConfig, compile_model
+
+    art = compile_model(quantized.checkpoint, load_target("jetson-orin"), tmp_path / "jetson", None, CompileConfig(),
+                        log=lambda _: None)
+    assert art.manifest.encoding == "int8" and "skipped" in art.manifest.validation
+    params = tvm.runtime.load_param_dict((tmp_path / "jetson" / "weights.params").read_bytes())
+    int8 = [p.numpy() for p in params.values() if p.dtype == "int8"]
+    layers = [LayerQuant.from_dict(d) for d in quantized.checkpoint.quantization["layers"].values()]
+    assert len(int8) == len(layers) and all(w.ndim == 3 and w.shape[2] == 4 for w in int8)   # (K'/4, N, 4)
+    assert sum(w.size for w in int8) >= sum(q.qweight.numel() for q in layers)
+
+
+@pytest.mark.tvm
 @pytest.mark.parametrize("mcpu,encoded_for", [
     ("native", None),       # VNNI here (tensorized), u8 activations
     ("haswell", None),      # AVX2: LLVM-vectorised
     ("native", "rasp5"),    # the s8 activations ARM's sdot takes (the kernel itself: test_int8_kernels_use_sdot...)
+    ("native", "jetson-orin"),  # the GPU layout (K/4, N, 4), s8 (the dp4a kernel: test_int8_kernels_use_dp4a...)
 ])
 @pytest.mark.parametrize("rows,k,n", [(5, 64, 32), (197, 192, 48), (1, 12, 10), (3, 4, 16), (7, 27, 32)])
 def test_int8_kernels_are_exact_on_ragged_shapes(rows, k, n, mcpu, encoded_for):
@@ -276,6 +294,40 @@ def test_int8_kernels_use_sdot_on_arm_with_dot_products():
     kernel = lambda text: text[text.index("matmul_s8s8" if "matmul_s8s8" in text else "matmul_u8s8"):]  # noqa: E731
     assert kernel(asm["rasp5"]).count("sdot\t") >= 4
     assert "sdot" not in asm["rasp4b"] and "matmul_u8s8" in asm["rasp4b"]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("target_name", ["jetson-orin", "jetson-xavier", "cuda-sm80"])
+@pytest.mark.parametrize("rows,k,n", [(197, 190, 256), (1, 12, 10)])
+def test_int8_kernels_use_dp4a_on_cuda_targets(target_name, rows, k, n):
+    """CUDA int8 layers are one kernel each: s8 x s8 dot products 4 bytes at a time (`__dp4a`),
+    the dequantize applied as each output is written; no GPU here, so the CUDA source is checked
+    (the numbers of the same graph on the CPU: test_int8_kernels_are_exact...)."""
+    import tvm
+    from tvm import relax
+
+    from edgevit.backend.frontend import to_relax
+    from edgevit.backend.schedules import relax_pipeline
+
+    torch.manual_seed(0)
+    layer = nn.Linear(k, n)
+    q, ws = weight_int8(layer.weight)
+    model = apply_quantization(nn.Sequential(layer, nn.GELU()), {"0": LayerQuant(q, ws, 0.03, 100)}).eval()
+    target = load_target(target_name)
+    mod, weights = to_relax(model, torch.randn(1, rows, k), target=target)
+    assert any(w.dtype == np.int8 and w.shape == (-(-k // 4), n, 4) for w in weights)
+    tvm_target = target.tvm_target()
+    with tvm.transform.PassContext(opt_level=3):
+        exe = relax.build(mod, tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+
+    def modules(m):
+        return [m, *[x for i in m.imports for x in modules(i)]]
+
+    source = "\n".join(m.inspect_source("") for m in modules(exe.mod) if m.kind == "cuda")
+    definition = re.search(r"fused_matmul_s8s8_rows\w*_kernel\([^)]*\)\s*\{", source)
+    kernel = source[definition.start():source.index("\n}\n", definition.start())]
+    assert "__dp4a(" in kernel and "wmma" not in source
+    assert "_scale_ptr[" in kernel and "_comp_ptr[" in kernel    # dequantized as it is written
 
 
 @pytest.mark.tvm

@@ -3,6 +3,11 @@
 An encoding rewrites the imported Relax module and its weight list, given the PyTorch model it
 was imported from (e.g. int8 with scales, k-means or product-quantization codebooks decoded
 inside TVM). `fp32` passes them through. New encodings register here; `compile` needs no change.
+
+The contract: `encoder(mod, weights, model, signed_activations=..., panels=...)` (the keywords
+say what the target's instructions take: s8 or u8 activations, CPU panels or the GPU layout;
+an encoder may ignore them) returns (mod, weights). `mod` holds one Relax function per batch
+size (`main`, `main_b8`, ...), all taking the same weights: rewrite every one of them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from edgevit.config import closest_key_hint
 from edgevit.errors import ConfigError, EdgeVitError
 
-Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, model, signed_activations=False)
+Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, model, **target options)
 _ENCODINGS: dict[str, Encoder] = {}
 
 
@@ -50,7 +55,7 @@ def fp32(mod, weights: list[np.ndarray], _model=None, **_options):
 
 
 @register_encoding("int8")
-def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False):
+def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False, panels: bool = True):
     """Every matmul whose weight belongs to a quantized layer becomes
 
         x_u8 = clip(round(x * 1/s_x) + z, 0, 255)              (fused into x's producer)
@@ -64,7 +69,12 @@ def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False
 
     `signed_activations` (ARM with the dot-product extension, whose `sdot` multiplies s8 by s8):
     the codes are x_u8 - 128 as int8, the same numbers shifted, and the compensation becomes
-    (z - 128) * colsum(W)."""
+    (z - 128) * colsum(W).
+
+    `panels` False (GPUs): W_s8 is [K/4, N, 4] (K zero-padded to a multiple of 4), and each
+    output is a row of activations dotted with a column of weights 4 bytes at a time (`__dp4a`,
+    int8_rules), neighbouring threads reading neighbouring 4-byte words.
+    (TVM 0.27's own int8 tensor-core matmul schedule fails to build: TVM_QUANT.md.)"""
     from tvm import relax
 
     from edgevit.quantization import quantized_layers
@@ -82,10 +92,10 @@ def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False
         raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
                            "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
     shift = SIGNED_SHIFT if signed_activations else 0
-    arrays = [_int8_arrays(hit[1], shift) if hit else [np.ascontiguousarray(w, dtype=np.float32)]
+    arrays = [_int8_arrays(hit[1], shift, panels) if hit else [np.ascontiguousarray(w, dtype=np.float32)]
               for w, hit in zip(weights, layers)]
     builder, kernels = relax.BlockBuilder(mod), {}
-    rewritten = {gv: _int8_function(func, layers, arrays, builder, kernels, shift)   # `main`, one per extra batch
+    rewritten = {gv: _int8_function(func, layers, arrays, builder, kernels, shift, panels)
                  for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
     out = builder.get()
     for gv, func in rewritten.items():
@@ -93,9 +103,11 @@ def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False
     return out, [a for per_weight in arrays for a in per_weight]
 
 
-def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int):
-    """One Relax function with its quantized layers' matmuls as packed u8 x s8 kernels (shared
-    through `kernels` by shape) and their weights replaced by (W_s8, comp, scale) inputs."""
+def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int,
+                   panels: bool):
+    """One Relax function (`main`, or one per extra batch size) with its quantized layers' matmuls
+    as u8/s8 x s8 kernels (shared through `kernels` by shape) and their weights replaced by
+    (W_s8, comp, scale) inputs."""
     from tvm import relax
     from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
@@ -123,13 +135,25 @@ def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, 
         dims = [int(d) for d in call.args[0].ty.shape]
         lead, k, n = dims[:-1], dims[-1], int(comp.ty.shape[0])
         rows = int(np.prod(lead))
+        codes = op.reshape(codes, [rows, k])                                                # (M, K)
+        if not panels:
+            depth = -(-k // DP4A_DEPTH) * DP4A_DEPTH
+            if depth != k:
+                codes = op.nn.pad(codes, [0, 0, 0, depth - k])                             # (M, K')
+            key = ("rows", rows, depth, n)
+            if key not in kernels:
+                name = f"matmul_s8s8_rows_{len(kernels)}"
+                kernels[key] = builder.add_func(row_dot_matmul(rows, depth, n).with_attr("global_symbol", name), name)
+            acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
+                                 relax.TensorType([rows, n], "int32"))                     # (M, N)
+            y = op.multiply(op.astype(op.subtract(acc, comp), "float32"), scale)          # (M, N)
+            return op.reshape(y, [*lead, n])                                                # (..., N)
         padded = -(-rows // TILE_ROWS) * TILE_ROWS   # whole register tiles: 197 tokens -> 200 rows
         key = (padded, k, n)
         if key not in kernels:
             name = f"matmul_{'s8' if shift else 'u8'}s8_{len(kernels)}"
             prim = packed_matmul(padded, k, n, "int8" if shift else "uint8")
             kernels[key] = builder.add_func(prim.with_attr("global_symbol", name), name)
-        codes = op.reshape(codes, [rows, k])                                                # (M, K)
         if padded != rows:
             codes = op.nn.pad(codes, [0, padded - rows, 0, 0])                              # (M', K)
         acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
@@ -150,6 +174,25 @@ def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, 
 PANEL_COLS, PANEL_DEPTH = 16, 4   # packed weight panels: 16 output columns x 4 k (one vpdpbusd / sdot x4)
 TILE_ROWS = 4                     # activation rows padded to a multiple of the kernel's register tile
 SIGNED_SHIFT = 128                # s8 codes = u8 codes - 128 (targets whose dot product is s8 x s8)
+DP4A_DEPTH = 4                    # GPU layout: weight rows [N, K'] with K' a multiple of dp4a's 4 bytes
+
+
+def row_dot_matmul(m: int, k: int, n: int):
+    """TIR of C[i, j] = sum_r i32(A[i, r]) * i32(W[r // 4, j, r % 4]): s8 activations times s8
+    weights in groups of 4 along K (the GPU layout: 4 consecutive bytes of each are one `__dp4a`,
+    and the threads of a block, one column each, read consecutive words of W)."""
+    from tvm import te, tirx
+
+    def i64(*dims):
+        return [tirx.IntImm("int64", d) for d in dims]
+
+    a = te.placeholder(i64(m, k), "int8", name="A")
+    w = te.placeholder(i64(k // DP4A_DEPTH, n, DP4A_DEPTH), "int8", name="W")
+    r = te.reduce_axis(i64(0, k), name="k")
+    c = te.compute(i64(m, n), lambda i, j: te.sum(
+        a[i, r].astype("int32") * w[r // DP4A_DEPTH, j, r % DP4A_DEPTH].astype("int32"), axis=r),
+        name="matmul_int8_rows")
+    return te.create_prim_func([a, w, c]).with_attr("op_pattern", 4)
 
 
 def packed_matmul(m: int, k: int, n: int, a_dtype: str = "uint8"):
@@ -183,12 +226,13 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
 
 
-def _int8_arrays(q, shift: int = 0) -> list[np.ndarray]:
-    """(W_s8 packed [N/16, K/4, 16, 4] int8, (z - shift) * colsum(W_s8) [N] int32, s_x * s_w [N]
-    float32) of one layer."""
+def _int8_arrays(q, shift: int = 0, panels: bool = True) -> list[np.ndarray]:
+    """(W_s8 packed [N/16, K/4, 16, 4] (or plain [K, N]) int8, (z - shift) * colsum(W_s8) [N]
+    int32, s_x * s_w [N] float32) of one layer."""
     w = q.qweight.numpy().reshape(q.qweight.shape[0], -1)                                   # (N, K)
     comp = ((q.input_zero_point - shift) * w.astype(np.int64).sum(axis=1)).astype(np.int32)  # (N,)
-    return [pack_panels(w), comp, q.output_scale().numpy().astype(np.float32)]
+    packed = pack_panels(w) if panels else _dp4a_groups(w)                                  # panels / (K'/4, N, 4)
+    return [packed, comp, q.output_scale().numpy().astype(np.float32)]
 
 
 def pack_panels(w: np.ndarray) -> np.ndarray:
@@ -199,3 +243,11 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
     nb, kb = padded.shape[0] // PANEL_COLS, padded.shape[1] // PANEL_DEPTH
     panels = padded.reshape(nb, PANEL_COLS, kb, PANEL_DEPTH).transpose(0, 2, 1, 3)         # (N/16, K/4, 16, 4)
     return np.ascontiguousarray(panels)
+
+
+def _dp4a_groups(w: np.ndarray) -> np.ndarray:
+    """[N, K] -> [K'/4, N, 4], K zero-padded to K' (a multiple of 4: the zeros add nothing)."""
+    n, k = w.shape
+    padded = np.zeros((n, -(-k // DP4A_DEPTH) * DP4A_DEPTH), w.dtype)
+    padded[:, :k] = w
+    return np.ascontiguousarray(padded.reshape(n, -1, DP4A_DEPTH).transpose(1, 0, 2))

@@ -20,8 +20,8 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
 
     `main` takes `example`'s batch; each of `extra_batches` gets its own function (`entry_name`:
     a kernel specialised to its exact row count is faster than one for any batch), all taking
-    the same weights, which the artifact stores once. `target` (an edgevit Target) picks the
-    int8 activation type its dot-product instruction takes."""
+    the same weights, which the artifact stores once. `target` (an edgevit Target) picks how
+    int8 layers are laid out for its instructions (see encodings.int8)."""
     from edgevit.backend.encodings import get_encoding, model_encoding
     from edgevit.backend.int8_rules import has_sdot
     from edgevit.backend.runtime import entry_name
@@ -29,8 +29,10 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     batch = int(example.shape[0])
     examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
     mod, weights = import_float(model, examples)
-    signed = target is not None and has_sdot(target.tvm_target())
-    return get_encoding(model_encoding(model))(mod, weights, model, signed_activations=signed)
+    gpu = target is not None and target.device == "cuda"
+    # GPUs' int8 tensor cores and ARM's sdot multiply s8 by s8; x86's vpdpbusd takes u8 activations
+    signed = gpu or (target is not None and has_sdot(target.tvm_target()))
+    return get_encoding(model_encoding(model))(mod, weights, model, signed_activations=signed, panels=not gpu)
 
 
 def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
@@ -55,7 +57,11 @@ def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
                 raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
                                    "used by this model; rewrite them with supported ops") from None
             mod, detached = relax.frontend.detach_params(mod)
-            params = params if params is not None else [p.numpy() for p in detached.get("main", [])]
+            these = [p.numpy() for p in detached.get("main", [])]
+            if params is not None and [(a.shape, a.dtype) for a in these] != [(a.shape, a.dtype) for a in params]:
+                raise EdgeVitError(f"the {name} graph takes other weights than the first batch's; compile each "
+                                   "batch size separately (--batch N)")
+            params = these if params is None else params
             merged[name] = patch_convs_as_matmuls(mod)["main"].with_attr("global_symbol", name)
     return precompute_weight_transforms(merged, params)
 

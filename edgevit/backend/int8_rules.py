@@ -6,6 +6,7 @@ On x86 CPUs with AVX512-VNNI each 16 x 4 panel step is one `vpdpbusd`, on ARM CP
 dot-product extension (Cortex-A76/A78, Jetson Orin's CPU) four `sdot` (tensorized); elsewhere
 (AVX2, AVX-512 without VNNI, Cortex-A72) the same tiling is left to LLVM's vectoriser, which is
 exact (no `pmaddubsw`, whose int16 sums saturate once activations reach 128: TVM_QUANT.md).
+On CUDA (sm_61 and later) a second rule runs the [K/4, N, 4] layout's dot products as `__dp4a`.
 
 TVM 0.27 ships a VNNI intrinsic that does not build under its own LLVM 22 (the instruction now
 takes <64 x i8> operands): edgevit registers its own below.
@@ -13,7 +14,9 @@ takes <64 x i8> operands): edgevit registers its own below.
 
 from __future__ import annotations
 
+from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
+from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
@@ -25,6 +28,9 @@ from edgevit.backend.encodings import TILE_ROWS as ROWS  # MR: rows of the regis
 MAX_PANELS = 4                # NR: up to 4 panels of 16 columns -> 16 zmm accumulators of 32
 VNNI_INTRIN = "edgevit_dot_16x4_u8s8_vnni"
 SDOT_INTRIN = "edgevit_dot_16x4_s8s8_sdot"
+DP4A_INTRIN = "edgevit_dp4a_s8s8_global"
+DP4A_MIN_SM = 61               # __dp4a: Pascal (sm_61) and later; the Maxwell Jetson Nano (sm_53) has none
+GPU_THREADS = 128              # outputs (one per thread) per block
 
 
 @T.prim_func(s_tir=True)
@@ -98,6 +104,35 @@ def _dot_16x4_sdot(
             )
 
 
+@T.prim_func(s_tir=True)
+def _dp4a_desc(
+    A: T.Buffer((4,), "int8", offset_factor=4, align=4),
+    B: T.Buffer((4,), "int8", offset_factor=4, align=4),
+    C: T.Buffer((1,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0], A[0:4], B[0:4])
+        T.writes(C[0])
+        for k in T.serial(0, 4):
+            with T.sblock("update"):
+                vk = T.axis.remap("R", [k])
+                C[0] = C[0] + T.cast(A[vk], "int32") * T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dp4a_impl(
+    A: T.Buffer((4,), "int8", offset_factor=4, align=4),
+    B: T.Buffer((4,), "int8", offset_factor=4, align=4),
+    C: T.Buffer((1,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0], A[0:4], B[0:4])
+        T.writes(C[0])
+        # TVM's own dp4a intrinsic reads shared memory; this one reads the rows where they lie
+        C[0] += T.call_pure_extern("__dp4a", A.vload([0], "int8x4"), B.vload([0], "int8x4"), T.int32(0),
+                                   dtype="int32")
+
+
 def _register_intrinsics() -> None:
     """Registered on first use only (tvm.s_tir.tensor_intrin, which holds TVM's own, once took
     82 s to import here, so it is never imported)."""
@@ -107,6 +142,8 @@ def _register_intrinsics() -> None:
         TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni)
     if TensorIntrin.get(SDOT_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(SDOT_INTRIN, _dot_16x4_s8_desc, _dot_16x4_sdot)
+    if TensorIntrin.get(DP4A_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(DP4A_INTRIN, _dp4a_desc, _dp4a_impl)
 
 
 def has_vnni(target) -> bool:
@@ -213,3 +250,46 @@ def _inline_epilogue(sch, epilogue: list, rows: int) -> list:
         sch.reverse_compute_inline(block)
     return []
 
+
+class RowDotInt8Matmul(dl.ScheduleRule):
+    """CUDA: the s8 x s8 row-dot matmul (encodings.row_dot_matmul), one output per thread, its
+    K loop four bytes at a time as `__dp4a` on int32 loads of both rows, the accumulator in a
+    register and the dequantize / bias / GELU epilogue applied as it is written."""
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "cuda" or _sm(target) < DP4A_MIN_SM:
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        found = single_reduction(sch, infos, lambda info: _activation_dtype(sch, info.block_rv) == "int8")
+        if found is None:
+            return None
+        main, epilogue = found[0].block_rv, found[1]
+        loops = sch.get_loops(main)          # (rows, columns, depth); one row: (columns, depth)
+        if len(loops) not in (2, 3) or get_extent(sch, loops[-1]) % 4:
+            return None
+        acc = sch.cache_write(main, 0, "local")
+        for block in epilogue:             # elementwise on the (M, N) output: applied as it is written
+            sch.reverse_compute_inline(block)
+        *rows, j, k = sch.get_loops(main)
+        n = get_extent(sch, j)
+        ko, ki = sch.split(k, [None, 4])
+        # a row per block (blockIdx.x: 2^31 rows), its columns across threads: affine bindings and
+        # no predicate (a thread count dividing the columns), which tensorize needs
+        jo, ji = sch.split(j, [None, next(t for t in range(min(GPU_THREADS, n), 0, -1) if n % t == 0)])
+        sch.reorder(*rows, jo, ji, ko, ki)
+        for loop, axis in zip([*rows, jo], ("blockIdx.x", "blockIdx.y")):
+            sch.bind(loop, axis)
+        sch.bind(ji, "threadIdx.x")
+        sch.reverse_compute_at(acc, ji)
+        sch.decompose_reduction(main, ko)
+        _register_intrinsics()
+        sch.tensorize(ki, DP4A_INTRIN)
+        return sch
+
+
+def _sm(target) -> int:
+    arch = str(target.attrs.get("arch", ""))
+    return int(arch[3:]) if arch.startswith("sm_") and arch[3:].isdigit() else -1

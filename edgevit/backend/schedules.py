@@ -26,7 +26,7 @@ def _tolerant(rule):
         def apply(self, func, target, tunable):
             try:
                 return rule.apply(func, target, tunable)
-            except (AssertionError, ValueError, RuntimeError):
+            except (AssertionError, ValueError, RuntimeError, KeyError, IndexError):   # dlight's analyses
                 return None  # not this rule's pattern: let the next rule try
 
         def __repr__(self) -> str:
@@ -38,11 +38,12 @@ def _tolerant(rule):
 def schedule_passes(target) -> list:
     from tvm.s_tir import dlight as dl
 
+    from edgevit.backend.int8_rules import PackedInt8Matmul, RowDotInt8Matmul
+
     if target.kind.name == "cuda":
-        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+        rules = [RowDotInt8Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
         return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in rules], dl.gpu.Fallback())]
     from edgevit.backend.cpu_rules import cpu_rules
-    from edgevit.backend.int8_rules import PackedInt8Matmul
 
     return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in [PackedInt8Matmul(), *cpu_rules()]])]
 
