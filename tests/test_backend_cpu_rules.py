@@ -7,7 +7,14 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import te  # noqa: E402
 
-from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, Injective, Matmul, cpu_rules, fp32_lanes  # noqa: E402
+from edgevit.backend.cpu_rules import (  # noqa: E402
+    PARALLEL_MIN_MACS,
+    Injective,
+    Matmul,
+    RowReduction,
+    cpu_rules,
+    fp32_lanes,
+)
 from edgevit.targets import load_target  # noqa: E402
 
 pytestmark = pytest.mark.tvm
@@ -67,6 +74,46 @@ def test_injective_rule_transposes_correctly_and_threads_large_kernels(channels,
     assert ("T.parallel" in sch.mod["main"].script()) == threaded
     data = np.random.default_rng(1).standard_normal((3, 196, channels), dtype=np.float32)
     np.testing.assert_array_equal(run(sch.mod["main"], data, out_shape=(3, channels, 196)), data.transpose(0, 2, 1) + 1)
+
+
+def softmax_func(heads: int, tokens: int):
+    """Softmax over the last axis as TVM legalizes it: max, exp of the difference, sum, divide."""
+    from tvm import topi
+
+    x = te.placeholder((1, heads, tokens, tokens), name="x")
+    return te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
+
+
+def layer_norm_func(tokens: int, channels: int):
+    from tvm import topi
+
+    x = te.placeholder((1, tokens, channels), name="x")
+    g, b = te.placeholder((channels,), name="g"), te.placeholder((channels,), name="b")
+    return te.create_prim_func([x, g, b, topi.nn.layer_norm(x, g, b, axis=[-1], epsilon=1e-5)])
+
+
+@pytest.mark.parametrize("heads, tokens, threaded", [(3, 197, True), (2, 49, False)])
+def test_row_rule_computes_softmax_row_by_row_on_ragged_rows(heads, tokens, threaded):
+    sch = RowReduction().apply(softmax_func(heads, tokens), host(), False)
+    assert sch is not None and ("T.parallel" in sch.mod["main"].script()) == threaded
+    x = np.random.default_rng(2).standard_normal((1, heads, tokens, tokens), dtype=np.float32) * 4
+    ref = np.exp(x - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(run(sch.mod["main"], x, out_shape=x.shape), ref / ref.sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_row_rule_computes_layer_norm_and_declines_other_reductions():
+    sch = RowReduction().apply(layer_norm_func(197, 192), host(), False)
+    assert sch is not None
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 197, 192), dtype=np.float32) * 3 + 1
+    g, b = rng.standard_normal(192, dtype=np.float32), rng.standard_normal(192, dtype=np.float32)
+    ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * g + b
+    np.testing.assert_allclose(run(sch.mod["main"], x, g, b, out_shape=x.shape), ref, rtol=1e-4, atol=1e-4)
+    assert RowReduction().apply(matmul_bias_gelu(1, 8, 8, 8), host(), False) is None      # reduces a middle axis
+    x = te.placeholder((64, 64), name="x")
+    y = te.compute((64, 64), lambda i, j: x[j, i] * 2.0, name="t")
+    assert RowReduction().apply(te.create_prim_func([x, y]), host(), False) is None      # no reduction
 
 
 def test_vector_width_follows_the_target_cpu():

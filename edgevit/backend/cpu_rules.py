@@ -197,6 +197,41 @@ class Injective(dl.ScheduleRule):
         return sch
 
 
+class RowReduction(dl.ScheduleRule):
+    """Softmax and LayerNorm: reductions over the last axis and the elementwise steps between
+    them, all computed row by row inside one loop over rows (parallel when the kernel is big
+    enough), the row's steps left to LLVM's vectoriser, which handles ragged rows (197 tokens)
+    with a scalar tail. dlight's CPU Reduction splits each row into 16-lane chunks with a bounds
+    predicate, which TVM scalarises: ViT-Ti's softmax ran 2x slower that way (0.27 vs 0.13 ms)."""
+
+    def apply(self, func, target, _tunable):
+        opened = _open(func, target)
+        if opened is None:
+            return None
+        sch, infos = opened
+        out = infos[-1]
+        rank = len(out.dom_kind())
+        if not out.is_injective() or rank < 2:
+            return None
+        if not all(_over_last_axis(b.dom_kind(), rank) for b in infos):
+            return None
+        if all(b.is_injective() for b in infos):
+            return None                    # no reduction: the injective rule's
+        loops = sch.get_loops(out.block_rv)
+        rows = sch.fuse(*loops[:-1])
+        if _output_elements(func) >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(rows)
+        for info in reversed(infos[:-1]):
+            sch.compute_at(info.block_rv, rows)
+        return sch
+
+
+def _over_last_axis(dom_kind: str, rank: int) -> bool:
+    """A block over the output's rows: elementwise, one value per row (a mean), or spatial rows
+    then one reduced last axis."""
+    return dom_kind in ("S" * rank, "S" * (rank - 1), "S" * (rank - 1) + "R")
+
+
 class SerialWhenSmall(dl.ScheduleRule):
     """Another rule's schedule, with its parallel loops made serial when the kernel's output is
     too small to pay for waking threads (dlight's CPU Reduction always parallelises rows)."""
@@ -233,4 +268,5 @@ def _output_elements(func) -> int:
 
 def cpu_rules() -> list:
     """In the order they are tried; each declines (returns None) what it does not fit."""
-    return [Matmul(), SerialWhenSmall(dl.cpu.GEMV()), SerialWhenSmall(dl.cpu.Reduction()), Injective()]
+    return [Matmul(), SerialWhenSmall(dl.cpu.GEMV()), RowReduction(), SerialWhenSmall(dl.cpu.Reduction()),
+            Injective()]
