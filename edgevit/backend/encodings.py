@@ -136,26 +136,18 @@ def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, 
         lead, k, n = dims[:-1], dims[-1], int(comp.ty.shape[0])
         rows = int(np.prod(lead))
         codes = op.reshape(codes, [rows, k])                                                # (M, K)
-        if not panels:
-            depth = -(-k // DP4A_DEPTH) * DP4A_DEPTH
-            if depth != k:
-                codes = op.nn.pad(codes, [0, 0, 0, depth - k])                             # (M, K')
-            key = ("rows", rows, depth, n)
-            if key not in kernels:
-                name = f"matmul_s8s8_rows_{len(kernels)}"
-                kernels[key] = builder.add_func(row_dot_matmul(rows, depth, n).with_attr("global_symbol", name), name)
-            acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
-                                 relax.TensorType([rows, n], "int32"))                     # (M, N)
-            y = op.multiply(op.astype(op.subtract(acc, comp), "float32"), scale)          # (M, N)
-            return op.reshape(y, [*lead, n])                                                # (..., N)
-        padded = -(-rows // TILE_ROWS) * TILE_ROWS   # whole register tiles: 197 tokens -> 200 rows
-        key = (padded, k, n)
+        if panels:   # CPU: whole register tiles of rows (197 tokens -> 200)
+            padded, depth, prefix = -(-rows // TILE_ROWS) * TILE_ROWS, k, f"matmul_{'s8' if shift else 'u8'}s8"
+            make = lambda: packed_matmul(padded, k, n, "int8" if shift else "uint8")         # noqa: E731
+        else:        # GPU: whole 4-byte groups of depth for __dp4a
+            padded, depth, prefix = rows, -(-k // DP4A_DEPTH) * DP4A_DEPTH, "matmul_s8s8_rows"
+            make = lambda: row_dot_matmul(rows, depth, n)                                     # noqa: E731
+        key = (prefix, padded, depth, n)
         if key not in kernels:
-            name = f"matmul_{'s8' if shift else 'u8'}s8_{len(kernels)}"
-            prim = packed_matmul(padded, k, n, "int8" if shift else "uint8")
-            kernels[key] = builder.add_func(prim.with_attr("global_symbol", name), name)
-        if padded != rows:
-            codes = op.nn.pad(codes, [0, padded - rows, 0, 0])                              # (M', K)
+            name = f"{prefix}_{len(kernels)}"
+            kernels[key] = builder.add_func(make().with_attr("global_symbol", name), name)
+        if (padded, depth) != (rows, k):
+            codes = op.nn.pad(codes, [0, padded - rows, 0, depth - k])                      # (M', K')
         acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
                              relax.TensorType([padded, n], "int32"))                       # (M', N)
         y = op.multiply(op.astype(op.subtract(acc, comp), "float32"), scale)              # (M', N)
@@ -174,7 +166,7 @@ def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, 
 PANEL_COLS, PANEL_DEPTH = 16, 4   # packed weight panels: 16 output columns x 4 k (one vpdpbusd / sdot x4)
 TILE_ROWS = 4                     # activation rows padded to a multiple of the kernel's register tile
 SIGNED_SHIFT = 128                # s8 codes = u8 codes - 128 (targets whose dot product is s8 x s8)
-DP4A_DEPTH = 4                    # GPU layout: weight rows [N, K'] with K' a multiple of dp4a's 4 bytes
+DP4A_DEPTH = 4                    # GPU layout: weights [K'/4, N, 4], K' a multiple of dp4a's 4 bytes
 
 
 def row_dot_matmul(m: int, k: int, n: int):
@@ -227,8 +219,8 @@ def _digest(a: np.ndarray) -> str:
 
 
 def _int8_arrays(q, shift: int = 0, panels: bool = True) -> list[np.ndarray]:
-    """(W_s8 packed [N/16, K/4, 16, 4] (or plain [K, N]) int8, (z - shift) * colsum(W_s8) [N]
-    int32, s_x * s_w [N] float32) of one layer."""
+    """(W_s8 packed in CPU panels [N/16, K/4, 16, 4] or GPU groups [K/4, N, 4], int8; (z - shift) *
+    colsum(W_s8) [N] int32; s_x * s_w [N] float32) of one layer."""
     w = q.qweight.numpy().reshape(q.qweight.shape[0], -1)                                   # (N, K)
     comp = ((q.input_zero_point - shift) * w.astype(np.int64).sum(axis=1)).astype(np.int32)  # (N,)
     packed = pack_panels(w) if panels else _dp4a_groups(w)                                  # panels / (K'/4, N, 4)
@@ -237,9 +229,7 @@ def _int8_arrays(q, shift: int = 0, panels: bool = True) -> list[np.ndarray]:
 
 def pack_panels(w: np.ndarray) -> np.ndarray:
     """[N, K] -> [N/16, K/4, 16, 4] (zero-padded): panel (j, r) holds columns 16j.. at depth 4r.."""
-    n, k = w.shape
-    padded = np.zeros((-(-n // PANEL_COLS) * PANEL_COLS, -(-k // PANEL_DEPTH) * PANEL_DEPTH), w.dtype)
-    padded[:n, :k] = w
+    padded = _zero_pad(w, PANEL_COLS, PANEL_DEPTH)
     nb, kb = padded.shape[0] // PANEL_COLS, padded.shape[1] // PANEL_DEPTH
     panels = padded.reshape(nb, PANEL_COLS, kb, PANEL_DEPTH).transpose(0, 2, 1, 3)         # (N/16, K/4, 16, 4)
     return np.ascontiguousarray(panels)
@@ -247,7 +237,13 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
 
 def _dp4a_groups(w: np.ndarray) -> np.ndarray:
     """[N, K] -> [K'/4, N, 4], K zero-padded to K' (a multiple of 4: the zeros add nothing)."""
+    padded = _zero_pad(w, 1, DP4A_DEPTH)
+    return np.ascontiguousarray(padded.reshape(w.shape[0], -1, DP4A_DEPTH).transpose(1, 0, 2))
+
+
+def _zero_pad(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """[N, K] with zeros appended up to multiples of (rows, cols)."""
     n, k = w.shape
-    padded = np.zeros((n, -(-k // DP4A_DEPTH) * DP4A_DEPTH), w.dtype)
-    padded[:, :k] = w
-    return np.ascontiguousarray(padded.reshape(n, -1, DP4A_DEPTH).transpose(1, 0, 2))
+    out = np.zeros((-(-n // rows) * rows, -(-k // cols) * cols), w.dtype)
+    out[:n, :k] = w
+    return out

@@ -33,20 +33,26 @@ DP4A_MIN_SM = 61               # __dp4a: Pascal (sm_61) and later; the Maxwell J
 GPU_THREADS = 128              # outputs (one per thread) per block
 
 
-@T.prim_func(s_tir=True)
-def _dot_16x4_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_16x4_desc(a_dtype: str):
+    """What one 16 x 4 panel step computes, for `a_dtype` (uint8 / int8) activations: C[i] +=
+    A[0:4] . B[i, 0:4] for 16 columns i (the description the VNNI and sdot bodies replace)."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), a_dtype, offset_factor=1),
+        B: T.Buffer((16, 4), "int8", offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
 
 
 @T.prim_func(s_tir=True)
@@ -66,22 +72,6 @@ def _dot_16x4_vnni(
             B.vload([0, 0], dtype="int8x64"),                           # one 16 x 4 weight panel
             dtype="int32x16",
         )
-
-
-@T.prim_func(s_tir=True)
-def _dot_16x4_s8_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -139,9 +129,9 @@ def _register_intrinsics() -> None:
     from tvm.s_tir import TensorIntrin
 
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _dot_16x4_vnni)
+        TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc("uint8"), _dot_16x4_vnni)
     if TensorIntrin.get(SDOT_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(SDOT_INTRIN, _dot_16x4_s8_desc, _dot_16x4_sdot)
+        TensorIntrin.register(SDOT_INTRIN, _dot_16x4_desc("int8"), _dot_16x4_sdot)
     if TensorIntrin.get(DP4A_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(DP4A_INTRIN, _dp4a_desc, _dp4a_impl)
 
@@ -152,7 +142,7 @@ def has_vnni(target) -> bool:
 
 def has_sdot(target) -> bool:
     """ARM's dot-product extension (`sdot`, s8 x s8): int8 activations are then signed."""
-    return _has_feature("dotprod", target) or _has_feature("has_dotprod", target)
+    return _has_feature("dotprod", target)
 
 
 def _has_feature(name: str, target) -> bool:
