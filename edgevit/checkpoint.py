@@ -135,6 +135,9 @@ class Checkpoint:
                                   f"{FORMAT_VERSION}; re-save it with this edgevit version")
         try:
             meta = json.loads(payload["meta"])
+            from edgevit.models.registry import complete_saved_config
+
+            meta["model_config"] = complete_saved_config(meta["model_name"], meta["model_config"])
             quantization = payload.get("quantization")
             problem = quantization_problem(quantization)
             if problem:
@@ -147,19 +150,25 @@ class Checkpoint:
 
     @classmethod
     def _from_plain(cls, path: str | Path, payload: Any, model_name: str | None, overrides: dict) -> "Checkpoint":
-        for wrapper in ("model", "state_dict", "model_state"):  # common trainer wrappers
-            if isinstance(payload, dict) and isinstance(payload.get(wrapper), dict):
-                payload = payload[wrapper]
+        """A state dict in edgevit's (timm's) key names or a seed encoder's own (models/naming.py);
+        settings the weights imply (class count, pooling, ...) apply unless `overrides` say otherwise."""
+        from edgevit.models import create_model, resolve_model
+        from edgevit.models.naming import adopt, unwrap
+
+        payload = unwrap(payload)
         if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
             raise CheckpointError(f"{path}: neither an edgevit checkpoint nor a state dict of tensors")
         if model_name is None:
             raise CheckpointError(f"{path}: a plain state dict has no model name; pass --model NAME "
                                   "(see `edgevit models`)")
-        from edgevit.models import create_model
-
-        model = create_model(model_name, **overrides)
-        load_weights(model, payload, where=str(path))
-        return cls.from_model(model, stage="import", config={"source": str(path)})
+        cls_, cfg = resolve_model(model_name, **overrides)
+        family = "vit" if cls_.__name__ == "VisionTransformer" else cls_.__name__
+        adopted = adopt(payload, family, feature_extractor=getattr(cfg, "num_classes", 1) == 0)
+        model = create_model(model_name, **{**adopted.settings, **overrides})
+        load_weights(model, adopted.state, where=f"{path} ({adopted.naming} key names)")
+        return cls.from_model(model, stage="import", config={"source": str(path), "naming": adopted.naming,
+                                                              "settings": adopted.settings,
+                                                              "dropped_keys": len(adopted.dropped)})
 
 
 def quantization_problem(q: Any) -> str | None:

@@ -10,10 +10,12 @@ from edgevit.errors import ConfigError
 from edgevit.models import create_model, list_models, resolve_model
 
 LARGE = {"swin_t", "vit_tiny", "deit_tiny_distilled"}
+SEEDS = {n for n in list_models() if n.endswith("_patch16")}        # the seeds' encoders, ViT-S/B at 224
+SMALL_SEED = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)   # same code, test-sized
 
 
 def eval_model(name):
-    model = create_model(name).eval()
+    model = create_model(name, **(SMALL_SEED if name in SEEDS else {})).eval()
     cfg = model.cfg
     x = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
     return model, x
@@ -28,7 +30,7 @@ def test_forward_shape_and_finite(name):
     model, x = eval_model(name)
     with torch.no_grad():
         y = model(x)
-    assert y.shape == (2, model.cfg.num_classes) and torch.isfinite(y).all()
+    assert y.shape == (2, model.cfg.num_classes or model.cfg.embed_dim) and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("name", slow_if_large(list_models()))
@@ -60,6 +62,15 @@ def test_swin_t_matches_published_size():
         (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 224)
     n = sum(p.numel() for p in create_model("swin_t").parameters())
     assert 28.0e6 < n < 28.6e6  # Swin-T: 28.3M parameters (Liu et al. 2021, Table 1)
+
+
+@pytest.mark.parametrize("name, millions", [("dino_vit_small_patch16", 21.67), ("dino_vit_base_patch16", 85.80),
+                                            ("clip_vit_base_patch16", 86.19), ("beit_vit_base_patch16", 85.77)])
+def test_seed_encoders_match_published_sizes(name, millions):
+    """DINO ViT-S/16 21.7M and ViT-B/16 85.8M (Caron et al. 2021, Table 2 lists 21M / 85M);
+    CLIP ViT-B/16's image tower with its projection 86.2M; BEiT-B 86M with its bias tables."""
+    n = sum(p.numel() for p in create_model(name).parameters())
+    assert abs(n / 1e6 - millions) < 0.01
 
 
 def test_overrides_and_unknown_settings():

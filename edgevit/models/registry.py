@@ -44,6 +44,16 @@ def resolve_model(name: str, **overrides: Any) -> tuple[type, Any]:
         raise ConfigError(f"model '{name}': {e}") from None
 
 
+def complete_saved_config(name: str, config: dict) -> dict:
+    """A model config saved by an older edgevit, with each setting added since given the value
+    that version computed with (a family's LEGACY_SETTINGS), not today's default."""
+    if name not in _REGISTRY or not isinstance(config, dict):
+        return config
+    _, cfg = _REGISTRY[name]()
+    legacy = getattr(type(cfg), "LEGACY_SETTINGS", {})
+    return {**{k: v for k, v in legacy.items() if k not in config}, **config}
+
+
 def create_model(name: str, **overrides: Any):
     cls, cfg = resolve_model(name, **overrides)
     model = cls(cfg)
