@@ -231,18 +231,6 @@ class VisionTransformer(nn.Module):
         return (logits + logits_dist) / 2
 
 
-def sincos_pos_embed(grid: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """MoCo v3's fixed 2-D sin-cos position embedding with a zero class-token row: (1, 1 + grid², dim)."""
-    gh, gw = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
-                            indexing="ij")
-    quarter = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
-    out_w = gw.flatten()[:, None] * omega[None]                          # (N, dim/4)
-    out_h = gh.flatten()[:, None] * omega[None]
-    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)   # (N, dim)
-    return torch.cat([torch.zeros(1, dim), emb])[None]
-
-
 # ---------------------------------------------------------------------------- registered sizes
 
 
