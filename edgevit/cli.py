@@ -139,6 +139,21 @@ class BatchSizes(click.ParamType):
         return sizes
 
 
+class Numbers(click.ParamType):
+    """'0.5,0.5,0.5' or '1,3,224,224': a comma-separated list of numbers of one type."""
+
+    def __init__(self, kind=float):
+        self.kind, self.name = kind, f"{kind.__name__.upper()}[,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            return tuple(self.kind(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.kind.__name__}s", param, ctx)
+
+
 def _config(cls, command: str, **given):
     """A stage's config dataclass from the options given (None: the default), one-line errors."""
     from edgevit.errors import ConfigError
@@ -423,10 +438,19 @@ def targets_cmd(json_path) -> None:
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
               help="Artifact folder to write; default with the run's checkpoint: OUT/compile/<target>.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(),
+              help="Compile this ONNX model instead of a checkpoint (validated against ONNX Runtime; QDQ int8 "
+              "layers become int8 kernels).")
+@click.option("--input-shape", type=Numbers(int), default=None, help="With --onnx: N,C,H,W where the file leaves "
+              "sizes open.")
+@click.option("--mean", type=Numbers(), default=None, help="With --onnx: per-channel input mean the model expects.")
+@click.option("--std", type=Numbers(), default=None, help="With --onnx: per-channel input std the model expects.")
+@click.option("--data", "data_spec", default=None, help="With --onnx: data set whose images validate the artifact "
+              "(default: seeded noise).")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_validate, database, no_tuning, out_dir,
-                json_path) -> None:
-    """Compile a checkpoint with TVM for a target into a validated artifact folder."""
+                onnx_path, input_shape, mean, std, data_spec, json_path) -> None:
+    """Compile a checkpoint (or an ONNX model) with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, check_search_scheme, compile_model
     from edgevit.targets import load_target
@@ -434,6 +458,12 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_valida
     cfg = _config(CompileConfig, "compile", batch=batches[0], extra_batches=batches[1:], validate=not no_validate,
                   tuning=not no_tuning, database=database)
     target = load_target(target_name)
+    if onnx_path is not None:
+        return _compile_onnx(onnx_path, target, cfg, out_dir, input_shape, mean, std, data_spec,
+                             clashes={"--checkpoint": ckpt_path, "--model": model_name, "--sparsity": sparsity},
+                             json_path=json_path)
+    if any(v is not None for v in (input_shape, mean, std, data_spec)):
+        raise ConfigError("compile: --input-shape, --mean, --std and --data go with --onnx; a checkpoint carries them")
     if ckpt_path is None:
         ckpt_path, sparsity, out_dir = _compile_inputs_from_project(target.name, sparsity, out_dir)
     elif out_dir is None:
@@ -451,6 +481,32 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_valida
                             "tolerance": m.tolerance.__dict__})
 
 
+def _compile_onnx(path, target, cfg, out_dir, input_shape, mean, std, data_spec, clashes: dict, json_path) -> None:
+    from edgevit.compile import compile_onnx
+    from edgevit.onnx_model import OnnxModel
+
+    given = [name for name, v in clashes.items() if v is not None]
+    if given:
+        raise ConfigError(f"compile: --onnx takes the model from the file; drop {', '.join(given)}")
+    if out_dir is None:
+        raise ConfigError("compile: pass -o/--out DIR, the artifact folder to write")
+    model = OnnxModel.load(path, input_shape)
+    channels = model.input_shape[1]
+    for name, v in (("--mean", mean), ("--std", std)):
+        if v is not None and len(v) != channels:
+            raise ConfigError(f"compile: {name} has {len(v)} values; the model takes {channels} channels")
+    if std is not None and min(std) <= 0:
+        raise ConfigError("compile: --std values must be positive")
+    _json_outside(json_path, out_dir)
+    artifact = compile_onnx(model, target, out_dir, cfg, data_spec, mean, std, log=click.echo)
+    m = artifact.manifest
+    click.echo(f"compiled {path} ({m.encoding}) for {target.name} in {m.compile_seconds:.1f} s "
+               f"-> {out_dir} ({artifact.bytes / 1e6:.2f} MB)")
+    _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "onnx": str(path),
+                            "encoding": m.encoding, "compile_seconds": m.compile_seconds, "bytes": artifact.bytes,
+                            "validation": m.validation, "tolerance": m.tolerance.__dict__})
+
+
 def _compile_inputs_from_project(target: str, sparsity: str | None, out_dir: str | None):
     """(checkpoint, sparsity, out) of the latest run here, said out loud."""
     from edgevit.project import PROJECT_FILE, project_or_fail
@@ -461,6 +517,30 @@ def _compile_inputs_from_project(target: str, sparsity: str | None, out_dir: str
     click.echo(f"from {PROJECT_FILE} (the run of {project.recipe}): checkpoint {project.checkpoint}, sparsity "
                f"{sparsity or 'dense'}, output {out_dir}")
     return project.checkpoint, sparsity, out_dir
+
+
+@cli.command("export")
+@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="Checkpoint to export.")
+@click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
+@click.option("--sparsity", default=None, help="Sparsity config JSON (or SearchResult), or one uniform ratio.")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(), help="ONNX file to write.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="The file's batch size.")
+@click.option("--images", type=click.IntRange(min=0), default=None, help="Images the check runs (default 64).")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
+def export_cmd(ckpt_path, model_name, sparsity, onnx_path, batch, images, json_path) -> None:
+    """Export a checkpoint (with its sparsity and int8 scheme, as QDQ) to ONNX, checked with ONNX Runtime."""
+    from edgevit.checkpoint import Checkpoint
+    from edgevit.export import ExportConfig, check_onnx_output, export_onnx
+
+    cfg = _config(ExportConfig, "export", batch=batch, images=images)
+    check_onnx_output(onnx_path)
+    ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
+    config = _sparsity_from(ckpt.build_model(), sparsity)
+    result = export_onnx(ckpt, onnx_path, config, cfg, log=click.echo)
+    qdq = f", {result['qdq_layers']} int8 layers as QDQ" if result["scheme"] != "fp32" else ""
+    click.echo(f"exported {ckpt.model_name} ({result['scheme']}{qdq}, sparsity "
+               f"{list(config.ratios) if config else 'dense'}) -> {onnx_path} ({result['bytes'] / 1e6:.2f} MB)")
+    _write_json(json_path, result)
 
 
 @cli.command("tune")

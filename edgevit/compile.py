@@ -106,26 +106,32 @@ def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int, log
     return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
 
 
-def save_references(model: torch.nn.Module, inputs: np.ndarray, batch: int, folder: Path) -> np.ndarray:
+Reference = Callable[[np.ndarray], np.ndarray]   # what the artifact must compute: PyTorch's model, or ORT
+
+
+def torch_reference(model: torch.nn.Module) -> Reference:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()
+    return run
+
+
+def save_references(reference: Reference, inputs: np.ndarray, batch: int, folder: Path) -> np.ndarray:
     """reference.npz: the first batch; validation.npz: as many whole batches as fit 16 MB."""
     per_batch = inputs[:batch].nbytes
     keep = max(1, min(len(inputs) // batch, VALIDATION_BYTES // max(per_batch, 1))) * batch
-    with torch.no_grad():
-        outputs = np.concatenate([model(torch.from_numpy(inputs[i:i + batch])).numpy()
-                                  for i in range(0, keep, batch)])
+    outputs = np.concatenate([reference(inputs[i:i + batch]) for i in range(0, keep, batch)])
     np.savez(folder / REFERENCE, input=inputs[:batch], output=outputs[:batch])
     np.savez(folder / VALIDATION, input=inputs[:keep], output=outputs)
     return outputs[:batch]
 
 
-def compare(run: Callable[[np.ndarray], np.ndarray], model: torch.nn.Module, inputs: np.ndarray,
-            batch: int) -> dict:
-    """Max abs error and top-1 agreement of `run` against PyTorch over `inputs`, batch by batch."""
+def compare(run: Reference, reference: Reference, inputs: np.ndarray, batch: int) -> dict:
+    """Max abs error and top-1 agreement of `run` against `reference` over `inputs`, batch by batch."""
     errors, agree, n = [], 0, 0
     for i in range(0, len(inputs) - batch + 1, batch):
         x = inputs[i:i + batch]
-        with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
+        ref = reference(x)
         got = run(x)
         errors.append(float(np.abs(got - ref).max()))
         agree += int((got.argmax(1) == ref.argmax(1)).sum())
@@ -157,37 +163,133 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         compile_seconds = time.perf_counter() - start
         save_weights(weights, tmp / WEIGHTS)
         inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
-        reference = save_references(model, inputs, cfg.batch, tmp)
-        validation = _validate(tmp, target, model, inputs, source, cfg, log, ckpt)
+        reference = save_references(torch_reference(model), inputs, cfg.batch, tmp)
+        validation = _validate(tmp, target, torch_reference(model), inputs, source, cfg, log, cfg.tolerance(ckpt.scheme),
+                               f" against the {ckpt.scheme} PyTorch model" if ckpt.quantization else "")
+        if ckpt.quantization and "skipped" not in validation:
+            validation["fp32_model"] = _fp32_agreement(_session(tmp, cfg).run, ckpt, model, inputs, source, cfg, log)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp)
         replace(manifest, validation=validation,
                 schedules={"source": schedules, "database": str(database) if database else None}).save(tmp)
     return CompiledArtifact.load(out_dir)
 
 
-def _validate(tmp: Path, target: Target, model, inputs, source, cfg: CompileConfig, log: Log, ckpt: Checkpoint) -> dict:
+def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileConfig = CompileConfig(),
+                 data: str | None = None, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                 log: Log = print) -> CompiledArtifact:
+    """An ONNX model (onnx_model.OnnxModel) through the same pipeline: TVM's ONNX frontend, the
+    target's build, validated against ONNX Runtime on the same inputs (images from `data`,
+    normalised with `mean`/`std`, or seeded noise). QDQ int8 layers compile to int8 kernels."""
+    from edgevit.backend.build import build, export_library, save_weights
+    from edgevit.backend.database import schedule_source
+    from edgevit.backend.frontend import encode, import_onnx
+    from edgevit.backend.runtime import entry_name
+    from edgevit.onnx_model import dequantized_graph, ort_reference
+
+    target.check_cross_compiler()
+    onnx_model.check_operators()
+    shape = onnx_model.shape(cfg.batch)
+    for b in cfg.extra_batches:
+        onnx_model.shape(b)
+    graph, layers = dequantized_graph(onnx_model.proto)
+    encoding = "int8" if layers else "fp32"
+    if layers:
+        log(f"{len(layers)} int8 layers (QDQ MatMul/Gemm) compile to int8 kernels")
+    reference = ort_reference(onnx_model.session(optimize=not layers))
+    with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
+        start = time.perf_counter()
+        shapes = {entry_name(b, cfg.batch): (b, *shape[1:]) for b in (cfg.batch, *cfg.extra_batches)}
+        mod, weights = encode(*import_onnx(graph, onnx_model.input_name, shapes), layers, target)
+        schedules, database = schedule_source(target, cfg.tuning, cfg.database)
+        executable = build(mod, target, database)
+        log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
+        export_library(executable, target, tmp / LIBRARY)
+        compile_seconds = time.perf_counter() - start
+        save_weights(weights, tmp / WEIGHTS)
+        inputs, source = _onnx_validation_inputs(shape, cfg.images, data, mean, std, log)
+        ref_out = save_references(reference, inputs, cfg.batch, tmp)
+        validation = _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding),
+                               " against ONNX Runtime")
+        manifest = Manifest(
+            target={"name": target.name, "device": target.device, "arch": target.arch, "rpc_key": target.rpc_key,
+                    "tvm": target.tvm_target_json()},
+            model={"name": onnx_model.name, "config": {"onnx": str(onnx_model.path)}, "stage": "onnx"},
+            input={"shape": list(shape), "batches": [cfg.batch, *cfg.extra_batches], "dtype": "float32",
+                   "layout": "NCHW", "mean": list(mean) if mean else None, "std": list(std) if std else None,
+                   "classes": None},
+            output={"shape": list(ref_out.shape), "dtype": "float32"}, encoding=encoding,
+            tolerance=cfg.tolerance(encoding),
+            reference={"source": source, "against": "onnxruntime",
+                       "output_sha256": hashlib.sha256(ref_out.tobytes()).hexdigest()},
+            files={name: file_sha256(tmp / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
+            compile_seconds=round(compile_seconds, 2), config=asdict(cfg), inputs={"onnx": onnx_model.sha256},
+            versions={**library_versions(), "tvm": _tvm_version(), "onnxruntime": _ort_version()},
+            validation=validation, schedules={"source": schedules, "database": str(database) if database else None})
+        manifest.save(tmp)
+    return CompiledArtifact.load(out_dir)
+
+
+def _onnx_validation_inputs(shape, images: int, data, mean, std, log: Log) -> tuple[np.ndarray, str]:
+    """Images of `data` (a data set spec) at the model's size and channels, normalised with the
+    model's mean/std (given, else the data set's); else seeded noise, said so."""
+    from edgevit.data import batches, load_data, load_split
+
+    batch, count = shape[0], max(shape[0], (images // shape[0]) * shape[0])
+    why = "no --data given"
+    if data:
+        split = load_split(data, "val", shape[-1], count, 0, 0.1)
+        if mean is None or std is None:
+            bundle = load_data(data, shape[-1], 0, 0.1)
+            mean, std = mean or bundle.mean, std or bundle.std
+        x, _ = next(batches(split, list(mean), list(std), count))
+        if x.shape[1] == shape[1] and len(x) >= batch:
+            return x[: (len(x) // batch) * batch].numpy(), f"{data} val images"
+        why = f"{data} has {x.shape[1]}-channel images and the model takes {shape[1]}" if x.shape[1] != shape[1] \
+            else f"{data} has fewer validation images than one batch of {batch}"
+    log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
+
+
+def _tvm_version() -> str:
+    from edgevit.backend.build import tvm_version
+
+    return tvm_version()
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _session(folder: Path, cfg: CompileConfig):
     from edgevit.backend.runtime import Device, Session
 
+    return Session(Device("cpu"), folder / LIBRARY, folder / WEIGHTS, batches=(cfg.batch, *cfg.extra_batches))
+
+
+def _validate(tmp: Path, target: Target, reference: Reference, inputs, source, cfg: CompileConfig, log: Log,
+              tolerance: Tolerance, against: str = "") -> dict:
+    """The built library against `reference` on the validation inputs, on noise, and at every
+    extra batch size; a miss past `tolerance` is a ValidationError (nothing is written)."""
     if not cfg.validate:
         return {"skipped": "disabled (--no-validate)"}
     if not target.runs_here:
         return {"skipped": f"{target.device}/{target.arch} does not run on this machine; "
                            "check on the device with `edgevit verify`"}
-    session = Session(Device("cpu"), tmp / LIBRARY, tmp / WEIGHTS, batches=(cfg.batch, *cfg.extra_batches))
-    result = {"device": "local cpu", source: compare(session.run, model, inputs, cfg.batch)}
+    session = _session(tmp, cfg)
+    result = {"device": "local cpu", source: compare(session.run, reference, inputs, cfg.batch)}
     rng = np.random.default_rng(1)
     noise = rng.standard_normal((cfg.batch * 4, *inputs.shape[1:]), dtype=np.float32)
-    result["random"] = compare(session.run, model, noise, cfg.batch)
+    result["random" if source != "random" else "random, second seed"] = compare(session.run, reference, noise, cfg.batch)
     for batch in cfg.extra_batches:      # each extra batch's function: real images where there are enough
         data = (source, inputs) if len(inputs) >= batch else ("random", np.resize(noise, (batch, *noise.shape[1:])))
-        result[f"{data[0]}, batch {batch}"] = compare(session.run, model, data[1], batch)
-    check_validation(result, cfg.tolerance(ckpt.scheme))
+        result[f"{data[0]}, batch {batch}"] = compare(session.run, reference, data[1], batch)
+    check_validation(result, tolerance)
     real = result[source]
     log(f"validated on {real['images']} {source}: max abs error {real['max_abs_error']:.2e}, "
-        f"top-1 agreement {real['top1_agreement']:.1f}%" + (f" against the {ckpt.scheme} PyTorch model"
-                                                              if ckpt.quantization else ""))
-    if ckpt.quantization:
-        result["fp32_model"] = _fp32_agreement(session.run, ckpt, model, inputs, source, cfg, log)
+        f"top-1 agreement {real['top1_agreement']:.1f}%{against}")
     return result
 
 
@@ -199,7 +301,7 @@ def _fp32_agreement(run, ckpt: Checkpoint, model, inputs, source: str, cfg: Comp
     fp32 = ckpt.build_model(quantized=False).eval()
     if hasattr(model, "block_ratios"):
         fp32.set_block_ratios(model.block_ratios())     # the same sparsity config
-    figures = {**compare(run, fp32, inputs, cfg.batch), "source": source, "min_top1_agreement": cfg.min_fp32_agreement}
+    figures = {**compare(run, torch_reference(fp32), inputs, cfg.batch), "source": source, "min_top1_agreement": cfg.min_fp32_agreement}
     log(f"against the fp32 model: top-1 agreement {figures['top1_agreement']:.1f}% on {figures['images']} {source} "
         f"(limit {cfg.min_fp32_agreement:g}%), max abs error {figures['max_abs_error']:.2e}")
     if source != "random" and figures["images"] >= MIN_AGREEMENT_IMAGES and figures["top1_agreement"] < cfg.min_fp32_agreement:

@@ -71,8 +71,12 @@ class Matmul(dl.ScheduleRule):
         rows, cols = self._tile_shape(sch, main.block_rv, dom_kind, lanes)
         unpad = self._pad_ragged(sch, main.block_rv, dom_kind, rows, cols)
         write_back = sch.cache_write(main.block_rv, 0, "local")
-        for consumer in epilogue:
-            sch.reverse_compute_inline(consumer)
+        # the epilogue as one expression first: reverse-inlining block by block leaves a dangling
+        # buffer when an early result is read again later (GELU as ONNX writes it: x * (1 + erf(x / sqrt 2)) * 0.5)
+        for intermediate in epilogue[:-1]:
+            sch.compute_inline(intermediate)
+        if epilogue:
+            sch.reverse_compute_inline(epilogue[-1])
         self._tile(sch, main.block_rv, write_back, dom_kind, rows, cols, lanes)
         for copy in unpad:
             _vectorize_copy(sch, copy, lanes)

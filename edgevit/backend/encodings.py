@@ -1,10 +1,12 @@
 """Weight encodings: how weights travel through the compile path.
 
-An encoding rewrites the imported Relax module and its weight list, given the PyTorch model it
-was imported from (e.g. int8 with scales, k-means or product-quantization codebooks decoded
-inside TVM). `fp32` passes them through. New encodings register here; `compile` needs no change.
+An encoding rewrites the imported Relax module and its weight list, given the quantized layers
+of the model it was imported from (e.g. int8 with scales, k-means or product-quantization
+codebooks decoded inside TVM): {name: (fp32 weight, its quantization record)}, from a PyTorch
+model or an ONNX graph's QDQ nodes alike. `fp32` passes them through. New encodings register
+here; `compile` needs no change.
 
-The contract: `encoder(mod, weights, model, signed_activations=..., panels=...)` (the keywords
+The contract: `encoder(mod, weights, layers, signed_activations=..., panels=...)` (the keywords
 say what the target's instructions take: s8 or u8 activations, CPU panels or the GPU layout;
 an encoder may ignore them) returns (mod, weights). `mod` holds one Relax function per batch
 size (`main`, `main_b8`, ...), all taking the same weights: rewrite every one of them.
@@ -20,7 +22,7 @@ import numpy as np
 from edgevit.config import closest_key_hint
 from edgevit.errors import ConfigError, EdgeVitError
 
-Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, model, **target options)
+Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, layers, **target options)
 _ENCODINGS: dict[str, Encoder] = {}
 
 
@@ -41,21 +43,15 @@ def list_encodings() -> list[str]:
     return sorted(_ENCODINGS)
 
 
-def model_encoding(model) -> str:
-    """The encoding a PyTorch model compiles with: its quantization scheme, else fp32."""
-    from edgevit.quantization import quantized_layers
-
-    return "int8" if quantized_layers(model) else "fp32"
-
-
 @register_encoding("fp32")
-def fp32(mod, weights: list[np.ndarray], _model=None, **_options):
-    """Weights stay float32 tensors bound as function inputs."""
-    return mod, [np.ascontiguousarray(w, dtype=np.float32) for w in weights]
+def fp32(mod, weights: list[np.ndarray], _layers=None, **_options):
+    """Weights stay as imported (float32; an ONNX graph's own scales and zero points keep their types),
+    bound as function inputs."""
+    return mod, [np.asarray(w, order="C") for w in weights]
 
 
 @register_encoding("int8")
-def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False, panels: bool = True):
+def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool = False, panels: bool = True):
     """Every matmul whose weight belongs to a quantized layer becomes
 
         x_u8 = clip(round(x * 1/s_x) + z, 0, 255)              (fused into x's producer)
@@ -77,22 +73,20 @@ def int8(mod, weights: list[np.ndarray], model, signed_activations: bool = False
     (TVM 0.27's own int8 tensor-core matmul schedule fails to build: TVM_QUANT.md.)"""
     from tvm import relax
 
-    from edgevit.quantization import quantized_layers
-
     by_value: dict[str, tuple[str, object]] = {}
-    for name, m in quantized_layers(model).items():
-        key = _digest(_as_matrix(m.weight))
-        if key in by_value and by_value[key][1] is not m.quant:
+    for name, (weight, quant) in layers.items():
+        key = _digest(_as_matrix(weight))
+        if key in by_value and by_value[key][1] is not quant:
             raise EdgeVitError(f"int8: layers {by_value[key][0]} and {name} have identical weights, so the compiled "
                                "graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
-        by_value[key] = (name, m.quant)
+        by_value[key] = (name, quant)
     layers = [by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None for w in weights]
     missing = sorted(set(n for n, _ in by_value.values()) - {hit[0] for hit in layers if hit})
     if missing:
         raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
                            "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
     shift = SIGNED_SHIFT if signed_activations else 0
-    arrays = [_int8_arrays(hit[1], shift, panels) if hit else [np.ascontiguousarray(w, dtype=np.float32)]
+    arrays = [_int8_arrays(hit[1], shift, panels) if hit else [np.asarray(w, order="C")]
               for w, hit in zip(weights, layers)]
     builder, kernels = relax.BlockBuilder(mod), {}
     rewritten = {gv: _int8_function(func, layers, arrays, builder, kernels, shift, panels)
@@ -209,8 +203,9 @@ def packed_matmul(m: int, k: int, n: int, a_dtype: str = "uint8"):
 
 
 def _as_matrix(weight) -> np.ndarray:
-    """A linear's [N, K] weight, or a patch conv's [O, C, kh, kw] flattened to [O, C*kh*kw]."""
-    w = weight.detach().cpu().numpy().astype(np.float32)
+    """A linear's [N, K] weight (a torch tensor or an array), or a patch conv's [O, C, kh, kw]
+    flattened to [O, C*kh*kw]."""
+    w = np.asarray(weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight, dtype=np.float32)
     return np.ascontiguousarray(w.reshape(w.shape[0], -1))
 
 

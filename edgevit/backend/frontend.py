@@ -22,47 +22,93 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     a kernel specialised to its exact row count is faster than one for any batch), all taking
     the same weights, which the artifact stores once. `target` (an edgevit Target) picks how
     int8 layers are laid out for its instructions (see encodings.int8)."""
-    from edgevit.backend.encodings import get_encoding, model_encoding
-    from edgevit.backend.int8_rules import has_sdot
     from edgevit.backend.runtime import entry_name
+    from edgevit.quantization import quantized_layers
 
     batch = int(example.shape[0])
     examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
     mod, weights = import_float(model, examples)
+    layers = {name: (m.weight, m.quant) for name, m in quantized_layers(model).items()}
+    return encode(mod, weights, layers, target)
+
+
+def encode(mod, weights: list[np.ndarray], layers: dict, target=None):
+    """The fp32 graph with `layers` ({name: (fp32 weight, LayerQuant)}) as int8 matmuls laid out
+    for the target (none: fp32 as imported)."""
+    from edgevit.backend.encodings import get_encoding
+    from edgevit.backend.int8_rules import has_sdot
+
     gpu = target is not None and target.device == "cuda"
     # GPUs' int8 tensor cores and ARM's sdot multiply s8 by s8; x86's vpdpbusd takes u8 activations
     signed = gpu or (target is not None and has_sdot(target.tvm_target()))
-    return get_encoding(model_encoding(model))(mod, weights, model, signed_activations=signed, panels=not gpu)
+    return get_encoding("int8" if layers else "fp32")(mod, weights, layers, signed_activations=signed, panels=not gpu)
+
+
+def import_onnx(proto, input_name: str, shapes: dict[str, tuple[int, ...]]):
+    """An ONNX graph (TVM's ONNX frontend) as Relax, one function per named input shape, with the
+    same rewrites as a PyTorch model's; returns (mod, weights)."""
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    def one(shape):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return from_onnx(proto, shape_dict={input_name: list(shape)}, keep_params_in_input=True)
+        except Exception as e:  # noqa: BLE001 - the frontend raises anything from asserts to TVMErrors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+            raise EdgeVitError(f"TVM's ONNX importer failed on this model ({first}); check that the graph runs "
+                               "in ONNX Runtime, or export it again with a newer opset") from None
+
+    return merge_functions(((name, one(shape)) for name, shape in shapes.items()), relax)
+
+
+def onnx_unsupported_nodes(proto) -> list[tuple[str, str]]:
+    """(node name, op type) of each node TVM's ONNX frontend has no converter for."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"Constant", "If"}
+    return [(node.name or f"#{i}", node.op_type) for i, node in enumerate(proto.graph.node)
+            if node.op_type not in known]
 
 
 def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
     """The model's fp32 graph (quantized layers in their fp32 view), one function per named
     example input, with the rewrites below."""
-    import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
     from edgevit.quantization import float_view
 
-    merged, params = tvm.IRModule(), None
+    def exported(example):
+        exported = torch.export.export(model, (example,))
+        try:
+            return from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
+        except AssertionError as e:
+            ops = re.findall(r"'([\w.:]+)'", str(e))
+            raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
+                               "used by this model; rewrite them with supported ops") from None
+
     with torch.no_grad(), warnings.catch_warnings(), float_view(model):
         # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        for name, example in examples.items():
-            exported = torch.export.export(model, (example,))
-            try:
-                mod = from_exported_program(exported, keep_params_as_input=True, unwrap_unit_return_tuple=True)
-            except AssertionError as e:
-                ops = re.findall(r"'([\w.:]+)'", str(e))
-                raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
-                                   "used by this model; rewrite them with supported ops") from None
-            mod, detached = relax.frontend.detach_params(mod)
-            these = [p.numpy() for p in detached.get("main", [])]
-            if params is not None and [(a.shape, a.dtype) for a in these] != [(a.shape, a.dtype) for a in params]:
-                raise EdgeVitError(f"the {name} graph takes other weights than the first batch's; compile each "
-                                   "batch size separately (--batch N)")
-            params = these if params is None else params
-            merged[name] = patch_convs_as_matmuls(mod)["main"].with_attr("global_symbol", name)
+        return merge_functions(((name, exported(example)) for name, example in examples.items()), relax)
+
+
+def merge_functions(named_mods, relax):
+    """One module of the imported functions (each renamed), their weights detached once and
+    checked to be the same list for every function, then weight-only transforms precomputed."""
+    import tvm
+
+    merged, params = tvm.IRModule(), None
+    for name, mod in named_mods:
+        mod, detached = relax.frontend.detach_params(mod)
+        these = [p.numpy() for p in detached.get("main", [])]
+        if params is not None and [(a.shape, a.dtype) for a in these] != [(a.shape, a.dtype) for a in params]:
+            raise EdgeVitError(f"the {name} graph takes other weights than the first batch's; compile each "
+                               "batch size separately (--batch N)")
+        params = these if params is None else params
+        merged[name] = patch_convs_as_matmuls(mod)["main"].with_attr("global_symbol", name)
     return precompute_weight_transforms(merged, params)
 
 

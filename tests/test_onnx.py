@@ -1,0 +1,154 @@
+"""ONNX in: a model a user exported (timm's ViT through torch's exporter: not edgevit's graph)
+compiles, matches ONNX Runtime, benchmarks; ONNX Runtime's own QDQ quantizer output compiles
+to int8 kernels; what cannot be imported is named in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from edgevit.cli import cli
+from edgevit.compile import CompileConfig, compile_onnx
+from edgevit.errors import CheckpointError, ConfigError
+from edgevit.onnx_model import OnnxModel, dequantized_graph, ort_reference, ort_session
+from edgevit.targets import load_target
+
+USER_ONNX = Path(__file__).parent / "fixtures" / "reference" / "timm_vit_small.onnx"   # (N, 3, 32, 32) -> (N, 10)
+pytestmark = pytest.mark.tvm
+
+
+def quiet(_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def qdq_onnx(tmp_path_factory) -> Path:
+    """USER_ONNX through ONNX Runtime's static quantizer: per-channel int8 weights, uint8 activations."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Calibration(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"input": rng.standard_normal((1, 3, 32, 32), dtype=np.float32)} for _ in range(8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    out = tmp_path_factory.mktemp("qdq") / "vit_qdq.onnx"
+    quantize_static(str(USER_ONNX), str(out), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    op_types_to_quantize=["MatMul", "Gemm"], extra_options={"WeightSymmetric": True})
+    return out
+
+
+def test_user_onnx_compiles_and_matches_onnxruntime(tmp_path):
+    model = OnnxModel.load(USER_ONNX)
+    assert model.input_shape == (None, 3, 32, 32)
+    art = compile_onnx(model, load_target("host"), tmp_path / "art", CompileConfig(batch=2, extra_batches=(4,)),
+                       log=quiet)
+    m = art.manifest
+    assert m.encoding == "fp32" and m.model["stage"] == "onnx" and m.inputs["onnx"] == model.sha256
+    assert m.batches == (2, 4) and m.output["shape"] == [2, 10]
+    for figures in (m.validation["random"], m.validation["random, second seed"]):
+        assert figures["max_abs_error"] <= 1e-4 and figures["top1_agreement"] == 100.0
+    # the stored reference is ONNX Runtime's own output for the stored input
+    x, y = art.reference()
+    np.testing.assert_allclose(y, ort_reference(ort_session(USER_ONNX))(x), atol=1e-6)
+
+
+def test_onnx_artifact_benchmarks_from_the_cli(tmp_path):
+    out = tmp_path / "art"
+    r = CliRunner().invoke(cli, ["compile", "--target", "host", "--onnx", str(USER_ONNX), "-o", str(out),
+                                 "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c.json").read_text())["encoding"] == "fp32"
+    assert json.loads((out / "manifest.json").read_text())["input"]["mean"] == [0.5, 0.5, 0.5]
+    r = CliRunner().invoke(cli, ["bench", str(out), "--duration", "0.3", "-o", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "b.json").read_text())["throughput_ips"] > 0
+
+
+def test_onnxruntime_qdq_model_compiles_to_int8_kernels(qdq_onnx, tmp_path):
+    """ORT's QDQ layers are found (8 block linears + the head), their weights stored as int8, and
+    the artifact computes what ORT computes with the QDQ nodes as written."""
+    import tvm
+
+    _, layers = dequantized_graph(onnx.load(str(qdq_onnx)))
+    assert len(layers) == 9
+    art = compile_onnx(OnnxModel.load(qdq_onnx), load_target("host"), tmp_path / "art", CompileConfig(batch=1),
+                       log=quiet)
+    assert art.manifest.encoding == "int8"
+    figures = art.manifest.validation["random"]
+    assert figures["max_abs_error"] <= art.manifest.tolerance.max_abs_error and figures["top1_agreement"] >= 99
+    params = tvm.runtime.load_param_dict((art.path / "weights.params").read_bytes())
+    int8_bytes = sum(p.numpy().nbytes for p in params.values() if p.dtype == "int8")
+    weight_count = sum(q.qweight.numel() for _, q in layers.values())
+    assert int8_bytes >= weight_count     # every quantized weight travels as int8 (panels may pad)
+
+
+def test_dequantized_graph_is_the_qdq_model_in_float(qdq_onnx, tmp_path):
+    """Reading QDQ layers back loses nothing: with the weights dequantized and the activation Q/DQ
+    bypassed, ORT's output moves only by the activation rounding the int8 kernels put back."""
+    graph, layers = dequantized_graph(onnx.load(str(qdq_onnx)))
+    path = tmp_path / "float.onnx"
+    onnx.save(graph, str(path))
+    x = np.random.default_rng(3).standard_normal((4, 3, 32, 32), dtype=np.float32)
+    fp32 = ort_reference(ort_session(USER_ONNX))(x)
+    deq = ort_reference(ort_session(path))(x)
+    qdq = ort_reference(ort_session(qdq_onnx, optimize=False))(x)
+    assert np.abs(deq - fp32).max() < np.abs(qdq - fp32).max() + 0.05
+    weights = {n.input[1] for n in graph.graph.node if n.op_type in ("MatMul", "Gemm")}
+    assert sum(w.endswith("_dequantized") for w in weights) == len(layers)    # fp32 initializers, no DQ
+    for weight, quant in layers.values():
+        np.testing.assert_allclose(weight, quant.qweight.numpy() * quant.weight_scale.numpy()[:, None], rtol=1e-6)
+
+
+def test_unsupported_operator_is_named(tmp_path):
+    """One line: which node, which op."""
+    model = onnx.load(str(USER_ONNX))
+    model.graph.node[3].op_type = "FancyNorm"
+    model.graph.node[3].name = "my_fancy_node"
+    path = tmp_path / "fancy.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ConfigError, match="node 'my_fancy_node' uses operator FancyNorm"):
+        compile_onnx(OnnxModel.load(path), load_target("host"), tmp_path / "art", log=quiet)
+    assert not (tmp_path / "art").exists()
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: p.write_text("not a model"), CheckpointError, "not a readable ONNX model"),
+    (lambda p: None, CheckpointError, "no such ONNX file"),
+])
+def test_bad_onnx_files(tmp_path, make, error, message):
+    path = tmp_path / "m.onnx"
+    make(path)
+    with pytest.raises(error, match=message):
+        OnnxModel.load(path)
+
+
+def test_open_sizes_need_an_input_shape(tmp_path):
+    model = onnx.load(str(USER_ONNX))
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    path = tmp_path / "open.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(ConfigError, match="pass --input-shape"):
+        OnnxModel.load(path)
+    assert OnnxModel.load(path, (1, 3, 32, 32)).input_shape == (None, 3, 32, 32)
+    with pytest.raises(ConfigError, match="fixes its input"):
+        OnnxModel.load(USER_ONNX, (1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--checkpoint", "x.pt"], "drop --checkpoint"),
+    (["--mean", "0.5"], "--mean has 1 values; the model takes 3 channels"),
+    ([], "pass -o/--out"),
+])
+def test_onnx_cli_errors(args, message, tmp_path):
+    out = [] if message == "pass -o/--out" else ["-o", str(tmp_path / "art")]
+    r = CliRunner().invoke(cli, ["compile", "--target", "host", "--onnx", str(USER_ONNX), *out, *args])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
