@@ -94,3 +94,24 @@ def test_profile_measures_on_the_emulated_board(board, tmp_path):
     assert table["key"]["target"] == "rasp4b" and "aarch64" in table["key"]["tvm_target"]
     assert table["dense_ms"] > 0 and len(table["measurements"]) == sum(len(d) for d in table["deltas"]) + 1
     assert table["validation"]["configs"] == 1
+
+
+@pytest.mark.parametrize("target, int8", [("rasp4b", False), ("rasp5", True)])
+def test_user_onnx_runs_on_the_emulated_board(board, target, int8, tmp_path):
+    """A user's ONNX export (fp32), and ONNX Runtime's QDQ quantization of it (int8 kernels with
+    sdot on rasp5), compiled for ARM: the board matches ONNX Runtime within the manifest's tolerance."""
+    from test_onnx import USER_ONNX, make_qdq
+
+    from edgevit.compile import CompileConfig, compile_onnx
+    from edgevit.onnx_model import OnnxModel
+    from edgevit.targets import load_target
+    from edgevit.verify import verify
+
+    path = make_qdq(tmp_path / "qdq.onnx") if int8 else USER_ONNX
+    art = compile_onnx(OnnxModel.load(path), load_target(target), tmp_path / "arm", CompileConfig(batch=2),
+                       log=lambda _: None)
+    assert art.manifest.encoding == ("int8" if int8 else "fp32")
+    result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
+    assert result["ok"], result
+    if not int8:
+        assert result["max_abs_error"] < 1e-4

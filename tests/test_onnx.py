@@ -28,6 +28,10 @@ def quiet(_):
 
 @pytest.fixture(scope="module")
 def qdq_onnx(tmp_path_factory) -> Path:
+    return make_qdq(tmp_path_factory.mktemp("qdq") / "vit_qdq.onnx")
+
+
+def make_qdq(out: Path) -> Path:
     """USER_ONNX through ONNX Runtime's static quantizer: per-channel int8 weights, uint8 activations."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -39,7 +43,6 @@ def qdq_onnx(tmp_path_factory) -> Path:
         def get_next(self):
             return next(self.batches, None)
 
-    out = tmp_path_factory.mktemp("qdq") / "vit_qdq.onnx"
     quantize_static(str(USER_ONNX), str(out), Calibration(), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                     op_types_to_quantize=["MatMul", "Gemm"], extra_options={"WeightSymmetric": True})
