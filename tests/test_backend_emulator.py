@@ -100,12 +100,11 @@ def test_profile_measures_on_the_emulated_board(board, tmp_path):
 def test_user_onnx_runs_on_the_emulated_board(board, target, int8, tmp_path):
     """A user's ONNX export (fp32), and ONNX Runtime's QDQ quantization of it (int8 kernels with
     sdot on rasp5), compiled for ARM: the board matches ONNX Runtime within the manifest's tolerance."""
-    from test_onnx import USER_ONNX, make_qdq
-
     from edgevit.compile import CompileConfig, compile_onnx
     from edgevit.onnx_model import OnnxModel
     from edgevit.targets import load_target
     from edgevit.verify import verify
+    from test_onnx import USER_ONNX, make_qdq
 
     path = make_qdq(tmp_path / "qdq.onnx") if int8 else USER_ONNX
     art = compile_onnx(OnnxModel.load(path), load_target(target), tmp_path / "arm", CompileConfig(batch=2),

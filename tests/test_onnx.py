@@ -155,3 +155,12 @@ def test_onnx_cli_errors(args, message, tmp_path):
     out = [] if message == "pass -o/--out" else ["-o", str(tmp_path / "art")]
     r = CliRunner().invoke(cli, ["compile", "--target", "host", "--onnx", str(USER_ONNX), *out, *args])
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("target", ["jetson-orin", "rasp4b"])
+def test_user_onnx_builds_for_device_targets(target, tmp_path):
+    """Every target kind builds it (CUDA source for the Jetson, aarch64 code for the Pi); the
+    check runs on the device (`verify`), which the manifest says."""
+    art = compile_onnx(OnnxModel.load(USER_ONNX), load_target(target), tmp_path / "art", log=quiet)
+    assert "skipped" in art.manifest.validation and art.manifest.target["name"] == target
+    assert art.library.stat().st_size > 0

@@ -91,3 +91,16 @@ def test_old_vit_checkpoints_keep_their_epsilon(tmp_path):
     loaded = Checkpoint.load(path)
     assert loaded.model_config["norm_eps"] == 1e-5
     assert loaded.build_model().blocks[0].norm1.eps == 1e-5
+
+
+@pytest.mark.parametrize("name", ["openai_clip", "beit_encoder"])
+def test_seed_encoder_compiles_and_matches(name, tmp_path):
+    """A seed's encoder loaded from its own naming compiles and the artifact matches PyTorch."""
+    from edgevit.compile import CompileConfig, compile_model
+    from edgevit.targets import load_target
+
+    _, ckpt = edgevit_output(load_fixture(name), tmp_path)
+    art = compile_model(ckpt, load_target("host"), tmp_path / "art", None, CompileConfig(images=8),
+                        log=lambda _: None)
+    assert art.manifest.validation["random"]["max_abs_error"] <= 1e-4
+    assert art.manifest.output["shape"][1] == load_fixture(name)["output"].shape[1]
