@@ -290,7 +290,9 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
 
 
 @cli.command("quantize")
-@click.option("--checkpoint", "ckpt_path", required=True, type=click.Path(), help="fp32 checkpoint to quantize.")
+@click.option("--checkpoint", "ckpt_path", default=None, type=click.Path(), help="fp32 checkpoint to quantize.")
+@click.option("--onnx", "onnx_path", default=None, type=click.Path(),
+              help="Quantize this fp32 ONNX model instead: -o names the QDQ ONNX file to write (needs --data).")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--data", "spec", default=None, help="Calibration and evaluation data; defaults to the checkpoint's own.")
 @click.option("--scheme", default="int8", show_default=True, type=click.Choice(["int8"]))
@@ -303,16 +305,31 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
 @click.option("--no-equalize", is_flag=True, help="Do not fold per-channel scales of LayerNorm outputs.")
 @click.option("--sparsity", default=None, help="Calibrate under this sparsity config (JSON or SearchResult) or ratio.")
 @click.option("--list-layers", is_flag=True, help="Print the quantizable layers and exit.")
-@click.option("-o", "--out", "out_dir", default=None, type=click.Path(), help="Folder to write (model.pt, quantization.json).")
+@click.option("--input-shape", type=Numbers(int), default=None, help="With --onnx: N,C,H,W where the file leaves "
+              "sizes open.")
+@click.option("--mean", type=Numbers(), default=None, help="With --onnx: per-channel input mean the model expects.")
+@click.option("--std", type=Numbers(), default=None, help="With --onnx: per-channel input std the model expects.")
+@click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
+              help="Folder to write (model.pt, quantization.json); with --onnx, the .onnx file.")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
-def quantize_cmd(ckpt_path, model_name, spec, scheme, calib_images, method, percentile, keep_fp32, no_equalize,
-                 sparsity, list_layers, out_dir, json_path) -> None:
-    """Quantize a checkpoint to int8 (calibrated), reporting top-1 before and after and each layer's SQNR."""
+def quantize_cmd(ckpt_path, onnx_path, model_name, spec, scheme, calib_images, method, percentile, keep_fp32,
+                 no_equalize, sparsity, list_layers, input_shape, mean, std, out_dir, json_path) -> None:
+    """Quantize a checkpoint (or an ONNX model) to int8 (calibrated), reporting top-1 before and after."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.data import check_model_fits
     from edgevit.quantization import quantizable_layers
     from edgevit.quantize import QuantizeConfig, quantize
 
+    if onnx_path is not None:
+        return _quantize_onnx(onnx_path, spec, out_dir, input_shape, mean, std, list_layers, json_path,
+                              clashes={"--checkpoint": ckpt_path, "--model": model_name, "--sparsity": sparsity,
+                                       "--no-equalize": no_equalize or None},
+                              settings=dict(calib_images=calib_images, method=method, percentile=percentile,
+                                            keep_fp32=keep_fp32 or None))
+    if any(v is not None for v in (input_shape, mean, std)):
+        raise ConfigError("quantize: --input-shape, --mean and --std go with --onnx; a checkpoint carries them")
+    if ckpt_path is None:
+        raise ConfigError("quantize: pass --checkpoint CKPT (or --onnx MODEL.onnx)")
     ckpt = Checkpoint.load(ckpt_path, model_name=model_name)
     model = ckpt.build_model(quantized=False)
     if list_layers:
@@ -335,6 +352,34 @@ def quantize_cmd(ckpt_path, model_name, spec, scheme, calib_images, method, perc
                f"-> {Path(out_dir) / 'model.pt'} (compile it like any checkpoint)")
     _write_json(json_path, {"out": str(out_dir), "top1": r["top1"], "weight_bytes": b,
                             "layers": {n: v["sqnr_db"] for n, v in r["layers"].items()}})
+
+
+def _quantize_onnx(path, spec, out, input_shape, mean, std, list_layers, json_path, clashes: dict, settings: dict):
+    from edgevit.onnx_model import OnnxModel, linear_nodes
+    from edgevit.quantize import QuantizeConfig, quantize_onnx
+
+    given = [name for name, v in clashes.items() if v is not None]
+    if given:
+        raise ConfigError(f"quantize: --onnx takes the model from the file; drop {', '.join(given)}")
+    model = OnnxModel.load(path, input_shape)
+    if list_layers:
+        for name, (node, weight) in linear_nodes(model.proto).items():
+            click.echo(f"{name:40s} {node.op_type} {tuple(weight.shape)}")
+        return
+    if out is None or spec is None:
+        raise ConfigError("quantize --onnx: pass --data SPEC (calibration images) and -o FILE.onnx (the QDQ model)")
+    channels = model.input_shape[1]
+    for name, v in (("--mean", mean), ("--std", std)):
+        if v is not None and len(v) != channels:
+            raise ConfigError(f"quantize: {name} has {len(v)} values; the model takes {channels} channels")
+    cfg = _config(QuantizeConfig, "quantize", **settings)
+    result = quantize_onnx(model, spec, out, cfg, mean, std, log=click.echo)
+    top1 = result.get("top1")
+    if top1:
+        click.echo(f"top-1 on {result['val_images']} {spec} val images: fp32 {top1['fp32']:.2f}% -> int8 "
+                   f"{top1['int8']:.2f}%")
+    click.echo(f"wrote {out} ({result['layers']} int8 layers as QDQ; compile it with `edgevit compile --onnx`)")
+    _write_json(json_path, result)
 
 
 @cli.command("flops")

@@ -230,22 +230,17 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
 
 
 def _onnx_validation_inputs(shape, images: int, data, mean, std, log: Log) -> tuple[np.ndarray, str]:
-    """Images of `data` (a data set spec) at the model's size and channels, normalised with the
-    model's mean/std (given, else the data set's); else seeded noise, said so."""
-    from edgevit.data import batches, load_data, load_split
+    """Images of `data` (a data set spec) at the model's size, normalised with the model's
+    mean/std (given, else the data set's); else seeded noise, said so."""
+    from edgevit.onnx_model import dataset_images
 
     batch, count = shape[0], max(shape[0], (images // shape[0]) * shape[0])
     why = "no --data given"
     if data:
-        split = load_split(data, "val", shape[-1], count, 0, 0.1)
-        if mean is None or std is None:
-            bundle = load_data(data, shape[-1], 0, 0.1)
-            mean, std = mean or bundle.mean, std or bundle.std
-        x, _ = next(batches(split, list(mean), list(std), count))
-        if x.shape[1] == shape[1] and len(x) >= batch:
-            return x[: (len(x) // batch) * batch].numpy(), f"{data} val images"
-        why = f"{data} has {x.shape[1]}-channel images and the model takes {shape[1]}" if x.shape[1] != shape[1] \
-            else f"{data} has fewer validation images than one batch of {batch}"
+        x, _, _ = dataset_images(data, "val", shape, count, mean, std)
+        if len(x) >= batch:
+            return x[: (len(x) // batch) * batch], f"{data} val images"
+        why = f"{data} has fewer validation images than one batch of {batch}"
     log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
     rng = np.random.default_rng(0)
     return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"

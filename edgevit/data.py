@@ -107,6 +107,14 @@ def load_data(spec: str, image_size: int, seed: int = 0, val_fraction: float = 0
     return check_splits(DataBundle(spec, train, val, test, mean, std))
 
 
+def native_statistics(spec: str, seed: int = 0, val_fraction: float = 0.1) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the train split at the source's own size (resizing barely moves
+    them, and a 224 model's data need not be resized whole to find them)."""
+    train = _native_splits(spec, seed, val_fraction)[0]
+    scaled = train.images.float().div(255)
+    return scaled.mean(dim=(0, 2, 3)).tolist(), scaled.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
 def load_split(spec: str, split: str, image_size: int, limit: int, seed: int = 0,
                val_fraction: float = 0.1) -> ImageSet:
     """The first `limit` images of one split, the same images load_data gives, resized alone: a

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from edgevit.checkpoint import Checkpoint
@@ -54,7 +53,7 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, sparsity: SparsityConfig | No
     import onnx
 
     from edgevit.compile import compare, model_input_shape, torch_reference, validation_inputs
-    from edgevit.onnx_model import ort_reference, ort_session
+    from edgevit.onnx_model import insert_qdq, ort_reference, ort_session
     from edgevit.quantization import float_view, quantized_layers
 
     out = check_onnx_output(out)
@@ -107,53 +106,3 @@ def check_onnx_output(path: str | Path) -> Path:
             raise OutputError(f"--onnx {path} exists and is not an ONNX file edgevit wrote; edgevit does not replace "
                               "files it did not write: pass another path")
     return path
-
-
-def insert_qdq(proto, layers: dict) -> int:
-    """Each quantized layer's MatMul/Gemm in QDQ form (found by its weight's values, as the
-    compiler finds them); returns how many were rewritten."""
-    from onnx import helper, numpy_helper
-
-    by_value = {_digest(np.asarray(w, np.float32).reshape(w.shape[0], -1)): q for w, q in layers.values()}
-    g = proto.graph
-    inits = {i.name: i for i in g.initializer}
-    done = 0
-    for node in list(g.node):
-        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in inits:
-            continue
-        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if w.ndim != 2:
-            continue
-        quant = by_value.get(_digest(np.ascontiguousarray(w if trans_b else w.T, np.float32)))
-        if quant is None:
-            continue
-        stem = f"{node.input[1]}_qdq"
-        q_w = quant.qweight.numpy().reshape(quant.qweight.shape[0], -1)          # [N, K] int8
-        q_w = q_w if trans_b else np.ascontiguousarray(q_w.T)                     # as the node reads it
-        g.initializer.extend([
-            numpy_helper.from_array(q_w, f"{stem}_w_int8"),
-            numpy_helper.from_array(quant.weight_scale.numpy().astype(np.float32), f"{stem}_w_scale"),
-            numpy_helper.from_array(np.zeros(q_w.shape[0 if trans_b else 1], np.int8), f"{stem}_w_zero"),
-            numpy_helper.from_array(np.array(quant.input_scale, np.float32), f"{stem}_x_scale"),
-            numpy_helper.from_array(np.array(quant.input_zero_point, np.uint8), f"{stem}_x_zero")])
-        x = node.input[0]
-        new = [helper.make_node("QuantizeLinear", [x, f"{stem}_x_scale", f"{stem}_x_zero"], [f"{stem}_xq"]),
-               helper.make_node("DequantizeLinear", [f"{stem}_xq", f"{stem}_x_scale", f"{stem}_x_zero"], [f"{stem}_x"]),
-               helper.make_node("DequantizeLinear", [f"{stem}_w_int8", f"{stem}_w_scale", f"{stem}_w_zero"],
-                                [f"{stem}_w"], axis=0 if trans_b else 1)]
-        position = list(g.node).index(node)
-        for i, extra in enumerate(new):
-            g.node.insert(position + i, extra)
-        node.input[0], node.input[1] = f"{stem}_x", f"{stem}_w"
-        done += 1
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
-    return done
-
-
-def _digest(a: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()

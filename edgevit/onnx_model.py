@@ -243,3 +243,136 @@ def _drop_dead_nodes(g) -> None:
     used = {i for node in g.node for i in node.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
+
+
+def dataset_images(spec: str, split: str, shape: tuple[int, ...], count: int, mean=None, std=None
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(images, labels, number of classes): the first `count` images of a split at the model's size, normalised with
+    `mean`/`std` (default: the data set's own); a channel count other than the model's is refused."""
+    from edgevit.data import batches, load_split, native_statistics
+    from edgevit.errors import DataError
+
+    images = load_split(spec, split, shape[-1], count)
+    if images.channels != shape[1]:
+        raise DataError(f"{spec} has {images.channels}-channel images and the model takes {shape[1]}; "
+                        "use a data set with the model's channels")
+    if mean is None or std is None:
+        stats = native_statistics(spec)
+        mean, std = mean or stats[0], std or stats[1]
+    x, y = next(batches(images, list(mean), list(std), max(count, 1)))
+    return x.numpy(), y.numpy(), len(images.classes)
+
+
+# ---------------------------------------------------------------------------- edgevit's own QDQ
+
+
+def linear_nodes(proto) -> dict[str, tuple[Any, np.ndarray]]:
+    """{node name: (node, weight [N, K])} of each fp32 MatMul/Gemm with a 2-D initializer weight:
+    the layers `quantize --onnx` can make int8."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for i, node in enumerate(proto.graph.node):
+        trans_b = _gemm_trans_b(node) if node.op_type in ("MatMul", "Gemm") else None
+        if trans_b is None or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim == 2 and w.dtype == np.float32:
+            out[node.name or f"#{i}"] = (node, np.ascontiguousarray(w if trans_b else w.T))
+    return out
+
+
+def calibrate_onnx(model: OnnxModel, images: np.ndarray, method: str = "mse", percentile: float = 99.99,
+                   keep_fp32: tuple[str, ...] = (), batch: int = 8) -> dict:
+    """{node name: (weight [N, K], LayerQuant)}: per-channel int8 weights and each layer's input
+    range fitted (quantization.fit_range) on its values over `images`, read by ONNX Runtime."""
+    import fnmatch
+
+    import onnx
+    import torch
+
+    from edgevit.quantization import SAMPLES_PER_LAYER, LayerQuant, activation_params, fit_range, weight_int8
+
+    layers = {n: v for n, v in linear_nodes(model.proto).items()
+              if not any(fnmatch.fnmatchcase(n, p) for p in keep_fp32)}
+    if not layers:
+        raise ConfigError(f"{model.path}: no fp32 MatMul/Gemm with a constant weight to quantize")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model.proto)
+    wanted = sorted({node.input[0] for node, _ in layers.values()})
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in known)
+    session = _session_from_proto(probe)
+    rng = np.random.default_rng(0)
+    samples: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    names = [o.name for o in session.get_outputs()]
+    images = images[: max(batch, len(images) // batch * batch)]
+    for i in range(0, len(images) - batch + 1, batch):
+        values = dict(zip(names, session.run(None, {model.input_name: images[i:i + batch]})))
+        for n in wanted:
+            flat = values[n].reshape(-1)
+            keep = SAMPLES_PER_LAYER // max(1, -(-len(images) // batch))
+            samples[n].append(flat if len(flat) <= keep else rng.choice(flat, keep, replace=False))
+    ranges = {n: fit_range(torch.from_numpy(np.concatenate(v)), method, percentile) for n, v in samples.items()}
+    out = {}
+    for name, (node, weight) in layers.items():
+        q, scale = weight_int8(torch.from_numpy(weight))
+        s, z = activation_params(*ranges[node.input[0]])
+        out[name] = (weight, LayerQuant(q, scale, s, z))
+    return out
+
+
+def _session_from_proto(proto):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def insert_qdq(proto, layers: dict) -> int:
+    """Each quantized layer's MatMul/Gemm in QDQ form (found by its weight's values, as the
+    compiler finds them); returns how many were rewritten."""
+    from onnx import helper, numpy_helper
+
+    def digest(a):
+        return hashlib.sha256(np.ascontiguousarray(a, np.float32).tobytes()).hexdigest()
+
+    by_value = {digest(np.asarray(w, np.float32).reshape(w.shape[0], -1)): q for w, q in layers.values()}
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    done = 0
+    for node in list(g.node):
+        if node.op_type not in ("MatMul", "Gemm") or node.input[1] not in inits:
+            continue
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim != 2:
+            continue
+        quant = by_value.get(digest(np.ascontiguousarray(w if trans_b else w.T, np.float32)))
+        if quant is None:
+            continue
+        stem = f"{node.input[1]}_qdq"
+        q_w = quant.qweight.numpy().reshape(quant.qweight.shape[0], -1)          # [N, K] int8
+        q_w = q_w if trans_b else np.ascontiguousarray(q_w.T)                     # as the node reads it
+        g.initializer.extend([
+            numpy_helper.from_array(q_w, f"{stem}_w_int8"),
+            numpy_helper.from_array(quant.weight_scale.numpy().astype(np.float32), f"{stem}_w_scale"),
+            numpy_helper.from_array(np.zeros(q_w.shape[0 if trans_b else 1], np.int8), f"{stem}_w_zero"),
+            numpy_helper.from_array(np.array(quant.input_scale, np.float32), f"{stem}_x_scale"),
+            numpy_helper.from_array(np.array(quant.input_zero_point, np.uint8), f"{stem}_x_zero")])
+        x = node.input[0]
+        new = [helper.make_node("QuantizeLinear", [x, f"{stem}_x_scale", f"{stem}_x_zero"], [f"{stem}_xq"]),
+               helper.make_node("DequantizeLinear", [f"{stem}_xq", f"{stem}_x_scale", f"{stem}_x_zero"], [f"{stem}_x"]),
+               helper.make_node("DequantizeLinear", [f"{stem}_w_int8", f"{stem}_w_scale", f"{stem}_w_zero"],
+                                [f"{stem}_w"], axis=0 if trans_b else 1)]
+        position = list(g.node).index(node)
+        for i, extra in enumerate(new):
+            g.node.insert(position + i, extra)
+        node.input[0], node.input[1] = f"{stem}_x", f"{stem}_w"
+        done += 1
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return done

@@ -164,3 +164,32 @@ def test_user_onnx_builds_for_device_targets(target, tmp_path):
     art = compile_onnx(OnnxModel.load(USER_ONNX), load_target(target), tmp_path / "art", log=quiet)
     assert "skipped" in art.manifest.validation and art.manifest.target["name"] == target
     assert art.library.stat().st_size > 0
+
+
+def test_quantize_onnx_writes_qdq_that_compiles_to_int8(tmp_path):
+    """edgevit's own calibration on an fp32 ONNX file: every constant-weight MatMul/Gemm as QDQ,
+    reported against the fp32 file, and the result compiles to int8 kernels."""
+    import torch
+
+    from edgevit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_micro").eval()          # 1x16x16 -> 10: the bundled digits' shape
+    fp32 = tmp_path / "user.onnx"
+    torch.onnx.export(model, (torch.zeros(1, 1, 16, 16),), str(fp32), input_names=["pixels"], dynamo=False,
+                      dynamic_axes={"pixels": {0: "n"}})
+    out = tmp_path / "user_int8.onnx"
+    r = CliRunner().invoke(cli, ["quantize", "--onnx", str(fp32), "--data", "digits", "--calib-images", "64",
+                                 "-o", str(out), "--json", str(tmp_path / "q.json")])
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "q.json").read_text())
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert result["layers"] == n_linear and set(result["top1"]) == {"fp32", "int8"}
+    assert result["top1_agreement_with_fp32"] >= 90
+    _, layers = dequantized_graph(onnx.load(str(out)))
+    assert len(layers) == n_linear
+    art = compile_onnx(OnnxModel.load(out), load_target("host"), tmp_path / "art", CompileConfig(images=16),
+                       data="digits", log=quiet)
+    assert art.manifest.encoding == "int8" and art.manifest.reference["source"] == "digits val images"
+    r = CliRunner().invoke(cli, ["quantize", "--onnx", str(fp32), "-o", str(out)])
+    assert r.exit_code == 2 and "pass --data SPEC" in r.output
