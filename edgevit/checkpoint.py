@@ -295,6 +295,8 @@ def _pickle_bytes(path: Path) -> bytes:
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict with one-line errors for missing, unexpected and mis-shaped keys."""
     state = {k: v for k, v in state.items() if not k.endswith(DERIVED_KEYS)}
+    if hasattr(model, "adapt_state_dict"):      # e.g. a ViT's position grid saved at another input size
+        state = model.adapt_state_dict(state)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

@@ -35,7 +35,7 @@ def edgevit_output(fixture: dict, tmp_path: Path, **extra) -> tuple[torch.Tensor
 
 
 def test_every_family_has_a_reference():
-    assert {"timm_vit", "timm_deit_distilled", "timm_swin", "mae_encoder", "dino_encoder", "mocov3_encoder",
+    assert {"timm_vit", "timm_vit_resized", "timm_deit_distilled", "timm_swin", "mae_encoder", "dino_encoder", "mocov3_encoder",
             "beit_encoder", "openai_clip"} <= set(CASES)
 
 
@@ -68,6 +68,16 @@ def test_settings_read_off_the_weights(tmp_path):
     assert (out - deit["output"]).abs().max().item() <= MAX_ABS_ERROR
     _, ckpt = edgevit_output(load_fixture("beit_shared_bias"), tmp_path)
     assert ckpt.model_config["rel_pos_bias"] == "shared" and ckpt.model_config["global_pool"] == "token"
+
+
+def test_resized_checkpoint_resamples_positions_as_timm(tmp_path):
+    """A 32x32 timm checkpoint used at 48x48 (`--set img_size=48`): the position grid is resampled
+    exactly as timm resamples it on load."""
+    fixture = load_fixture("timm_vit_resized")
+    assert fixture["state_dict"]["pos_embed"].shape[1] == 17 and fixture["settings"]["img_size"] == 48
+    out, ckpt = edgevit_output(fixture, tmp_path)
+    assert ckpt.state_dict["pos_embed"].shape[1] == 37
+    assert (out - fixture["output"]).abs().max().item() <= MAX_ABS_ERROR
 
 
 def test_dropped_keys_are_counted(tmp_path):

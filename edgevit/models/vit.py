@@ -9,10 +9,12 @@ original repositories' key names onto these.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edgevit.models.layers import DropPath, Mlp, drop_path_rates, init_weights
@@ -198,6 +200,23 @@ class VisionTransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("relative_position_bias_table"):
                 nn.init.trunc_normal_(p, std=0.02)
+
+    def adapt_state_dict(self, state: dict) -> dict:
+        """Weights saved at another input size: the absolute position embedding's patch grid
+        resampled to this model's, as timm does on load (bicubic, antialiased; the class and
+        distillation rows kept), so a 224 checkpoint serves `--set img_size=384`."""
+        theirs, own = state.get("pos_embed"), self.pos_embed
+        if theirs is None or own is None or theirs.shape == own.shape or theirs.ndim != 3 \
+                or theirs.shape[2] != own.shape[2]:
+            return state
+        prefix = own.shape[1] - self.cfg.grid ** 2
+        side = math.isqrt(theirs.shape[1] - prefix)
+        if side * side != theirs.shape[1] - prefix:
+            return state          # not a square grid: load_weights names the mismatch
+        grid = theirs[:, prefix:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)        # (1, C, s, s)
+        grid = F.interpolate(grid, size=(self.cfg.grid, self.cfg.grid), mode="bicubic", antialias=True)
+        resampled = grid.permute(0, 2, 3, 1).reshape(1, -1, own.shape[2]).to(theirs.dtype)     # (1, g*g, C)
+        return {**state, "pos_embed": torch.cat([theirs[:, :prefix], resampled], dim=1)}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)                                          # (B, T, C)
