@@ -88,21 +88,21 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, sparsity: SparsityConfig | No
             "check": {**figures, "source": source, "limit": limit, "against": "pytorch"}}
 
 
-def check_onnx_output(path: str | Path) -> Path:
+def check_onnx_output(path: str | Path, option: str = "--onnx") -> Path:
     """The output path, refused before any work if it is a folder, unwritable, or a file edgevit
     did not write (an ONNX file another tool produced is the user's)."""
     import onnx
 
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"--onnx {path} is a folder; pass a file path such as model.onnx")
-    writable_parent(path, "--onnx")
+        raise OutputError(f"{option} {path} is a folder; pass a file path such as model.onnx")
+    writable_parent(path, option)
     if path.exists():
         try:
             producer = onnx.load(str(path), load_external_data=False).producer_name
         except Exception:  # noqa: BLE001 - not an ONNX file at all
             producer = None
         if producer != PRODUCER:
-            raise OutputError(f"--onnx {path} exists and is not an ONNX file edgevit wrote; edgevit does not replace "
+            raise OutputError(f"{option} {path} exists and is not an ONNX file edgevit wrote; edgevit does not replace "
                               "files it did not write: pass another path")
     return path

@@ -305,7 +305,7 @@ def quantize_onnx(model, data: str, out: str | Path, cfg: QuantizeConfig = Quant
     from edgevit.fileio import atomic_path
     from edgevit.onnx_model import calibrate_onnx, dataset_images, insert_qdq, ort_reference, ort_session
 
-    out = check_onnx_output(out)
+    out = check_onnx_output(out, "-o")
     shape = model.shape(1)
     calib, _, _ = dataset_images(data, "train", shape, cfg.calib_images, mean, std)
     batch = model.input_shape[0] or min(cfg.batch, 8)      # a file with a fixed batch axis takes only that
