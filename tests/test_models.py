@@ -73,6 +73,13 @@ def test_seed_encoders_match_published_sizes(name, millions):
     assert abs(n / 1e6 - millions) < 0.01
 
 
+@pytest.mark.parametrize("name, heads", [("mocov3_vit_small_patch16", 12), ("dino_vit_small_patch16", 6),
+                                         ("mae_vit_base_patch16", 12)])
+def test_seed_encoders_use_their_repositories_head_counts(name, heads):
+    """Heads change no tensor shape, so a wrong count loads silently and computes wrongly."""
+    assert resolve_model(name)[1].num_heads == heads
+
+
 def test_overrides_and_unknown_settings():
     m = create_model("swin_micro", num_classes=3, depths=[2, 4], num_heads=[1, 2])
     assert m.cfg.depths == (2, 4) and m.head.fc.out_features == 3

@@ -297,9 +297,12 @@ SEEDS = {   # how each seed's released encoder computes; their key names: models
 }
 
 
+SEED_SIZES = {("mocov3", "small"): dict(num_heads=12)}   # MoCo v3's vits.py: ViT-S with 12 heads of 32
+
+
 def _register_seed(seed: str, size: str) -> None:
     def make():
-        return VisionTransformer, ViTConfig(**SIZES[size], **SEEDS[seed])
+        return VisionTransformer, ViTConfig(**{**SIZES[size], **SEED_SIZES.get((seed, size), {})}, **SEEDS[seed])
 
     make.__name__ = f"{seed}_vit_{size}_patch16"
     make.__doc__ = f"The {seed.upper()} ViT-{size[0].upper()}/16 image encoder at 224 (a feature extractor)."
