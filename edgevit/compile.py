@@ -101,9 +101,7 @@ def validation_inputs(ckpt: Checkpoint, shape: tuple[int, ...], images: int, log
                 why = f"{spec} has fewer validation images than one batch of {batch}"
         except (DataError, ConfigError) as e:
             why = f"its data set could not be loaded: {e}"
-    log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
+    return noise_inputs(count, shape, why, log)
 
 
 Reference = Callable[[np.ndarray], np.ndarray]   # what the artifact must compute: PyTorch's model, or ORT
@@ -114,6 +112,13 @@ def torch_reference(model: torch.nn.Module) -> Reference:
         with torch.no_grad():
             return model(torch.from_numpy(x)).numpy()
     return run
+
+
+def noise_inputs(count: int, shape: tuple[int, ...], why: str, log: Log) -> tuple[np.ndarray, str]:
+    """Seeded normal noise in place of images, said so with the reason."""
+    log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
 
 
 def save_references(reference: Reference, inputs: np.ndarray, batch: int, folder: Path) -> np.ndarray:
@@ -144,8 +149,6 @@ def compare(run: Reference, reference: Reference, inputs: np.ndarray, batch: int
 
 def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsity: SparsityConfig | None = None,
                   cfg: CompileConfig = CompileConfig(), log: Log = print) -> CompiledArtifact:
-    from edgevit.backend.build import build, export_library, save_weights
-    from edgevit.backend.database import schedule_source
     from edgevit.backend.frontend import to_relax
 
     target.check_cross_compiler()
@@ -156,12 +159,8 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
     with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
         start = time.perf_counter()
         mod, weights = to_relax(model, torch.zeros(shape), cfg.extra_batches, target)
-        schedules, database = schedule_source(target, cfg.tuning, cfg.database)
-        executable = build(mod, target, database)
-        log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
-        export_library(executable, target, tmp / LIBRARY)
+        schedules = _write_library(tmp, mod, weights, target, cfg, log)
         compile_seconds = time.perf_counter() - start
-        save_weights(weights, tmp / WEIGHTS)
         inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
         reference = save_references(torch_reference(model), inputs, cfg.batch, tmp)
         validation = _validate(tmp, target, torch_reference(model), inputs, source, cfg, log, cfg.tolerance(ckpt.scheme),
@@ -169,8 +168,7 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         if ckpt.quantization and "skipped" not in validation:
             validation["fp32_model"] = _fp32_agreement(_session(tmp, cfg).run, ckpt, model, inputs, source, cfg, log)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp)
-        replace(manifest, validation=validation,
-                schedules={"source": schedules, "database": str(database) if database else None}).save(tmp)
+        replace(manifest, validation=validation, schedules=schedules).save(tmp)
     return CompiledArtifact.load(out_dir)
 
 
@@ -180,8 +178,7 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
     """An ONNX model (onnx_model.OnnxModel) through the same pipeline: TVM's ONNX frontend, the
     target's build, validated against ONNX Runtime on the same inputs (images from `data`,
     normalised with `mean`/`std`, or seeded noise). QDQ int8 layers compile to int8 kernels."""
-    from edgevit.backend.build import build, export_library, save_weights
-    from edgevit.backend.database import schedule_source
+    from edgevit.backend.build import tvm_version
     from edgevit.backend.frontend import encode, import_onnx
     from edgevit.backend.runtime import entry_name
     from edgevit.onnx_model import dequantized_graph, ort_reference
@@ -200,19 +197,14 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
         start = time.perf_counter()
         shapes = {entry_name(b, cfg.batch): (b, *shape[1:]) for b in (cfg.batch, *cfg.extra_batches)}
         mod, weights = encode(*import_onnx(graph, onnx_model.input_name, shapes), layers, target)
-        schedules, database = schedule_source(target, cfg.tuning, cfg.database)
-        executable = build(mod, target, database)
-        log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
-        export_library(executable, target, tmp / LIBRARY)
+        schedules = _write_library(tmp, mod, weights, target, cfg, log)
         compile_seconds = time.perf_counter() - start
-        save_weights(weights, tmp / WEIGHTS)
         inputs, source = _onnx_validation_inputs(shape, cfg.images, data, mean, std, log)
         ref_out = save_references(reference, inputs, cfg.batch, tmp)
         validation = _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding),
                                " against ONNX Runtime")
         manifest = Manifest(
-            target={"name": target.name, "device": target.device, "arch": target.arch, "rpc_key": target.rpc_key,
-                    "tvm": target.tvm_target_json()},
+            target=_target_record(target),
             model={"name": onnx_model.name, "config": {"onnx": str(onnx_model.path)}, "stage": "onnx"},
             input={"shape": list(shape), "batches": [cfg.batch, *cfg.extra_batches], "dtype": "float32",
                    "layout": "NCHW", "mean": list(mean) if mean else None, "std": list(std) if std else None,
@@ -223,10 +215,29 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
                        "output_sha256": hashlib.sha256(ref_out.tobytes()).hexdigest()},
             files={name: file_sha256(tmp / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
             compile_seconds=round(compile_seconds, 2), config=asdict(cfg), inputs={"onnx": onnx_model.sha256},
-            versions={**library_versions(), "tvm": _tvm_version(), "onnxruntime": _ort_version()},
-            validation=validation, schedules={"source": schedules, "database": str(database) if database else None})
+            versions={**library_versions(), "tvm": tvm_version(), "onnxruntime": _ort_version()},
+            validation=validation, schedules=schedules)
         manifest.save(tmp)
     return CompiledArtifact.load(out_dir)
+
+
+def _write_library(tmp: Path, mod, weights, target: Target, cfg: CompileConfig, log: Log) -> dict:
+    """Build `mod` with the target's schedules (its tuning database where it has records), write
+    model.so and weights.params into `tmp`; returns the manifest's schedules record."""
+    from edgevit.backend.build import build, export_library, save_weights
+    from edgevit.backend.database import schedule_source
+
+    schedules, database = schedule_source(target, cfg.tuning, cfg.database)
+    executable = build(mod, target, database)
+    log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
+    export_library(executable, target, tmp / LIBRARY)
+    save_weights(weights, tmp / WEIGHTS)
+    return {"source": schedules, "database": str(database) if database else None}
+
+
+def _target_record(target: Target) -> dict:
+    return {"name": target.name, "device": target.device, "arch": target.arch, "rpc_key": target.rpc_key,
+            "tvm": target.tvm_target_json()}
 
 
 def _onnx_validation_inputs(shape, images: int, data, mean, std, log: Log) -> tuple[np.ndarray, str]:
@@ -241,15 +252,7 @@ def _onnx_validation_inputs(shape, images: int, data, mean, std, log: Log) -> tu
         if len(x) >= batch:
             return x[: (len(x) // batch) * batch], f"{data} val images"
         why = f"{data} has fewer validation images than one batch of {batch}"
-    log(f"validation inputs: random noise ({why}); the artifact is checked on noise only")
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((count, *shape[1:]), dtype=np.float32), "random"
-
-
-def _tvm_version() -> str:
-    from edgevit.backend.build import tvm_version
-
-    return tvm_version()
+    return noise_inputs(count, shape, why, log)
 
 
 def _ort_version() -> str:
@@ -317,8 +320,7 @@ def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, fo
     from edgevit.backend.build import tvm_version
 
     return Manifest(
-        target={"name": target.name, "device": target.device, "arch": target.arch, "rpc_key": target.rpc_key,
-                "tvm": target.tvm_target_json()},
+        target=_target_record(target),
         model={"name": ckpt.model_name, "config": asdict(model.cfg), "stage": ckpt.stage},
         sparsity=sparsity.to_dict() if sparsity is not None else None,
         input={"shape": [cfg.batch, *model_input_shape(model)], "batches": [cfg.batch, *cfg.extra_batches],

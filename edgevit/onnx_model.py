@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgevit.errors import CheckpointError, ConfigError
+from edgevit.fileio import file_sha256
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class OnnxModel:
                               "image models with one image input and one output")
         name, shape = inputs[0].name, _declared_shape(inputs[0], path)
         shape = _merged_shape(shape, input_shape, path)
-        return cls(path, proto, name, shape, proto.graph.output[0].name, _file_sha256(path))
+        return cls(path, proto, name, shape, proto.graph.output[0].name, file_sha256(path))
 
     def shape(self, batch: int) -> tuple[int, ...]:
         """The input shape at `batch`; a file whose batch axis is fixed takes only that batch."""
@@ -122,14 +123,6 @@ def _merged_shape(declared: tuple, given: tuple | None, path: Path) -> tuple:
         raise ConfigError(f"{path}: the input's channel/height/width are not fixed in the file ({declared}); "
                           "pass --input-shape N,C,H,W")
     return declared
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------- QDQ int8

@@ -28,14 +28,6 @@ class Adopted:
     settings: dict = field(default_factory=dict)         # model settings the weights imply
     dropped: list[str] = field(default_factory=list)     # keys that are not the encoder's
 
-    def summary(self) -> str:
-        parts = [f"{self.naming} key names"]
-        if self.settings:
-            parts.append("settings from the weights: " + ", ".join(f"{k}={v}" for k, v in sorted(self.settings.items())))
-        if self.dropped:
-            parts.append(f"{len(self.dropped)} keys outside the encoder dropped (e.g. '{self.dropped[0]}')")
-        return "; ".join(parts)
-
 
 def unwrap(payload):
     """The state dict inside common trainer checkpoints ({'model': ...}, DINO's {'teacher': ...})."""
