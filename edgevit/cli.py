@@ -372,6 +372,8 @@ def _quantize_onnx(path, spec, out, input_shape, mean, std, list_layers, json_pa
     for name, v in (("--mean", mean), ("--std", std)):
         if v is not None and len(v) != channels:
             raise ConfigError(f"quantize: {name} has {len(v)} values; the model takes {channels} channels")
+    if std is not None and min(std) <= 0:
+        raise ConfigError("quantize: --std values must be positive")
     cfg = _config(QuantizeConfig, "quantize", **settings)
     result = quantize_onnx(model, spec, out, cfg, mean, std, log=click.echo)
     top1 = result.get("top1")

@@ -90,7 +90,19 @@ def ort_session(path: str | Path, optimize: bool = True):
     options.log_severity_level = 3
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return _open_session(str(path), options, str(path))
+
+
+def _open_session(model, options, where: str):
+    """An ORT CPU session; a graph ONNX Runtime refuses is a one-line ConfigError."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors (InvalidGraph, Fail, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"{where}: ONNX Runtime cannot load this graph ({first}); export it again "
+                          "(opset 13 or newer) and check it with onnx.checker") from None
 
 
 def ort_reference(session) -> Any:
@@ -233,9 +245,18 @@ def _drop_dead_nodes(g) -> None:
             break
         for n in dead:
             g.node.remove(n)
+    _drop_unused_initializers(g)
+
+
+def _drop_unused_initializers(g) -> None:
+    """Remove initializers no node reads, and their graph-input entries (older exports list every
+    weight as an input too, which would otherwise become a required input)."""
     used = {i for node in g.node for i in node.input}
-    for init in [i for i in g.initializer if i.name not in used]:
+    unused = {i.name for i in g.initializer if i.name not in used}
+    for init in [i for i in g.initializer if i.name in unused]:
         g.initializer.remove(init)
+    for value in [v for v in g.input if v.name in unused]:
+        g.input.remove(value)
 
 
 def dataset_images(spec: str, split: str, shape: tuple[int, ...], count: int, mean=None, std=None
@@ -321,7 +342,7 @@ def _session_from_proto(proto):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _open_session(proto.SerializeToString(), options, "the calibration graph")
 
 
 def insert_qdq(proto, layers: dict) -> int:
@@ -365,7 +386,5 @@ def insert_qdq(proto, layers: dict) -> int:
             g.node.insert(position + i, extra)
         node.input[0], node.input[1] = f"{stem}_x", f"{stem}_w"
         done += 1
-    used = {i for n in g.node for i in n.input}
-    for init in [i for i in g.initializer if i.name not in used]:
-        g.initializer.remove(init)
+    _drop_unused_initializers(g)
     return done

@@ -306,6 +306,10 @@ def quantize_onnx(model, data: str, out: str | Path, cfg: QuantizeConfig = Quant
     from edgevit.onnx_model import calibrate_onnx, dataset_images, insert_qdq, ort_reference, ort_session
 
     out = check_onnx_output(out, "-o")
+    opset = next((o.version for o in model.proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ConfigError(f"{model.path}: opset {opset}; per-channel QDQ needs opset 13 or newer: export the "
+                          "model again with opset_version=13 or higher")
     shape = model.shape(1)
     calib, _, _ = dataset_images(data, "train", shape, cfg.calib_images, mean, std)
     batch = model.input_shape[0] or min(cfg.batch, 8)      # a file with a fixed batch axis takes only that

@@ -193,3 +193,43 @@ def test_quantize_onnx_writes_qdq_that_compiles_to_int8(tmp_path):
     assert art.manifest.encoding == "int8" and art.manifest.reference["source"] == "digits val images"
     r = CliRunner().invoke(cli, ["quantize", "--onnx", str(fp32), "-o", str(out)])
     assert r.exit_code == 2 and "pass --data SPEC" in r.output
+
+
+def _vit_micro_onnx(path: Path, opset: int, keep_initializers_as_inputs: bool = False) -> Path:
+    import torch
+
+    from edgevit.models import create_model
+
+    torch.manual_seed(0)
+    torch.onnx.export(create_model("vit_micro").eval(), (torch.zeros(1, 1, 16, 16),), str(path),
+                      input_names=["pixels"], dynamo=False, opset_version=opset,
+                      keep_initializers_as_inputs=keep_initializers_as_inputs)
+    return path
+
+
+@pytest.mark.parametrize("opset, inputs, code, message", [
+    (12, False, 2, "opset 12; per-channel QDQ needs opset 13"),
+    (13, True, 0, None),           # weights also listed as graph inputs: they stay optional, never required
+])
+def test_quantize_onnx_old_exports(opset, inputs, code, message, tmp_path):
+    src = _vit_micro_onnx(tmp_path / "m.onnx", opset, inputs)
+    out = tmp_path / "q.onnx"
+    r = CliRunner().invoke(cli, ["quantize", "--onnx", str(src), "--data", "digits", "--calib-images", "16",
+                                 "-o", str(out)])
+    assert r.exit_code == code and "Traceback" not in r.output, r.output
+    if message:
+        assert message in r.output and not out.exists()
+    else:
+        session = ort_session(out)
+        assert [i.name for i in session.get_inputs()] == ["pixels"]
+
+
+def test_graph_onnx_runtime_refuses_is_one_line(tmp_path):
+    model = onnx.load(str(USER_ONNX))
+    model.graph.node[5].input[0] = "no_such_tensor"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    r = CliRunner().invoke(cli, ["quantize", "--onnx", str(path), "--data", "digits", "-o", str(tmp_path / "q.onnx")])
+    with pytest.raises(ConfigError, match="ONNX Runtime cannot load this graph"):
+        ort_session(path)
+    assert "Traceback" not in r.output
