@@ -71,6 +71,7 @@ class Manifest:
     config: dict = field(default_factory=dict)      # the CompileConfig
     versions: dict = field(default_factory=dict)
     inputs: dict = field(default_factory=dict)      # checkpoint: sha256 of the model it was made from
+    cuda: dict | None = None   # GPU targets: the kernels' CUDA version, architectures, resources; the runtime needed
     kind: str = ARTIFACT_KIND
     version: int = 1
 

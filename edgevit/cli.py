@@ -483,6 +483,9 @@ def targets_cmd(json_path) -> None:
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 (CUDA targets): matmuls take fp16 operands and weights, accumulate in fp32; validated by "
+              "compiling the same graph for this CPU.")
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
               help="Artifact folder to write; default with the run's checkpoint: OUT/compile/<target>.")
 @click.option("--onnx", "onnx_path", default=None, type=click.Path(),
@@ -495,15 +498,15 @@ def targets_cmd(json_path) -> None:
 @click.option("--data", "data_spec", default=None, help="With --onnx: data set whose images validate the artifact "
               "(default: seeded noise).")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
-def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_validate, database, no_tuning, out_dir,
-                onnx_path, input_shape, mean, std, data_spec, json_path) -> None:
+def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_validate, database, no_tuning, precision,
+                out_dir, onnx_path, input_shape, mean, std, data_spec, json_path) -> None:
     """Compile a checkpoint (or an ONNX model) with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, check_search_scheme, compile_model
     from edgevit.targets import load_target
 
     cfg = _config(CompileConfig, "compile", batch=batches[0], extra_batches=batches[1:], validate=not no_validate,
-                  tuning=not no_tuning, database=database)
+                  tuning=not no_tuning, database=database, precision=precision)
     target = load_target(target_name)
     if onnx_path is not None:
         return _compile_onnx(onnx_path, target, cfg, out_dir, input_shape, mean, std, data_spec,
@@ -525,7 +528,7 @@ def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_valida
                f"-> {out_dir} ({artifact.bytes / 1e6:.2f} MB)")
     _write_json(json_path, {"artifact": str(out_dir), "target": target.name, "compile_seconds": m.compile_seconds,
                             "bytes": artifact.bytes, "validation": m.validation, "sparsity": m.sparsity,
-                            "tolerance": m.tolerance.__dict__})
+                            "tolerance": m.tolerance.__dict__, "cuda": m.cuda})
 
 
 def _compile_onnx(path, target, cfg, out_dir, input_shape, mean, std, data_spec, clashes: dict, json_path) -> None:
@@ -914,6 +917,44 @@ def emulator_stop() -> None:
     from edgevit.backend.emulator import Emulator, stop
 
     stop(Emulator.default(), log=click.echo)
+
+
+@cli.group("cuda")
+def cuda_grp() -> None:
+    """The CUDA compilers GPU targets' kernels are built with ahead of time (NVIDIA's PyPI wheels)."""
+
+
+@cuda_grp.command("setup")
+@click.option("--cuda", "majors", type=click.IntRange(11, 13), multiple=True,
+              help="CUDA major version to install (repeatable); default: every version targets/ declares. "
+              "CUDA 13's is always installed too (its fatbinary packages every version's kernels).")
+def cuda_setup(majors) -> None:
+    """pip-install NVRTC, ptxas and fatbinary per CUDA major version into the cache (EDGEVIT_HOME)."""
+    from edgevit.backend.cuda import FATBINARY_MAJOR, setup
+    from edgevit.targets import list_targets
+
+    wanted = set(majors) or {t.cuda for t in list_targets() if t.device == "cuda"}
+    for major in sorted(wanted | {FATBINARY_MAJOR}):
+        setup(major, log=click.echo)
+
+
+@cuda_grp.command("status")
+@click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
+def cuda_status(json_path) -> None:
+    """Which CUDA compiler versions are installed, and which targets they build for."""
+    from edgevit.backend.cuda import TOOLCHAIN_WHEELS, Toolchain
+    from edgevit.targets import list_targets
+
+    rows = []
+    for major in TOOLCHAIN_WHEELS:
+        tc = Toolchain.of(major)
+        ok = tc.installed()
+        targets = [t.name for t in list_targets() if t.device == "cuda" and t.cuda == major]
+        rows.append({"cuda": major, "installed": ok, "version": tc.version() if ok else None, "path": str(tc.root),
+                     "targets": targets})
+        click.echo(f"CUDA {major}: {('NVRTC ' + rows[-1]['version']) if ok else 'not installed'}  "
+                   f"targets: {', '.join(targets) or 'none'}")
+    _write_json(json_path, rows)
 
 
 @cli.command("stages")

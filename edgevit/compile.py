@@ -49,8 +49,11 @@ class CompileConfig:
     images: int = 64                 # real validation images (from the checkpoint's data set)
     tuning: bool = True              # use the target's tuning database (`edgevit tune`) if it has records
     database: str | None = None      # a tuning database folder other than the target's default
+    precision: str = "fp32"          # "fp16" (CUDA targets): fp16 matmul operands and weights, fp32 accumulation
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision '{self.precision}' must be one of {', '.join(PRECISIONS)}")
         if self.batch < 1 or any(b < 1 for b in self.extra_batches):
             raise ValueError("batch must be >= 1")
         if len({self.batch, *self.extra_batches}) != 1 + len(self.extra_batches):
@@ -69,7 +72,9 @@ class CompileConfig:
         return Tolerance(default if self.max_abs_error is None else self.max_abs_error, self.min_top1_agreement)
 
 
-DEFAULT_MAX_ABS_ERROR = {"fp32": 1e-3, "int8": 0.1}
+PRECISIONS = ("fp32", "fp16")
+# fp16: operands rounded to 11 significant bits (relative 2^-11 ~ 4.9e-4 each), summed in fp32
+DEFAULT_MAX_ABS_ERROR = {"fp32": 1e-3, "int8": 0.1, "fp16": 5e-2}
 MIN_AGREEMENT_IMAGES = 32   # fewer real images (or noise only): the fp32 agreement is reported, not enforced
 
 
@@ -151,24 +156,30 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
                   cfg: CompileConfig = CompileConfig(), log: Log = print) -> CompiledArtifact:
     from edgevit.backend.frontend import to_relax
 
-    target.check_cross_compiler()
+    target.check_tools()
+    encoding = check_precision(cfg, target, ckpt.scheme)
     model = ckpt.build_model().eval()
     if sparsity is not None:
         model.set_sparsity(sparsity)
     shape = (cfg.batch, *model_input_shape(model))
     with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
         start = time.perf_counter()
-        mod, weights = to_relax(model, torch.zeros(shape), cfg.extra_batches, target)
-        schedules = _write_library(tmp, mod, weights, target, cfg, log)
+        mod, weights = to_relax(model, torch.zeros(shape), cfg.extra_batches, target, cfg.precision)
+        schedules, kernels = _write_library(tmp, mod, weights, target, cfg, log)
         compile_seconds = time.perf_counter() - start
         inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
         reference = save_references(torch_reference(model), inputs, cfg.batch, tmp)
-        validation = _validate(tmp, target, torch_reference(model), inputs, source, cfg, log, cfg.tolerance(ckpt.scheme),
-                               f" against the {ckpt.scheme} PyTorch model" if ckpt.quantization else "")
+        against = f" against the {ckpt.scheme} PyTorch model" if ckpt.quantization else ""
+        if encoding == "fp16":
+            validation = _validate_on_host(mod, weights, torch_reference(model), inputs, source, cfg, log,
+                                           " against the fp32 PyTorch model")
+        else:
+            validation = _validate(tmp, target, torch_reference(model), inputs, source, cfg, log,
+                                   cfg.tolerance(encoding), against)
         if ckpt.quantization and "skipped" not in validation:
             validation["fp32_model"] = _fp32_agreement(_session(tmp, cfg).run, ckpt, model, inputs, source, cfg, log)
-        manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp)
-        replace(manifest, validation=validation, schedules=schedules).save(tmp)
+        manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp, encoding)
+        replace(manifest, validation=validation, schedules=schedules, cuda=kernels).save(tmp)
     return CompiledArtifact.load(out_dir)
 
 
@@ -183,26 +194,29 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
     from edgevit.backend.runtime import entry_name
     from edgevit.onnx_model import dequantized_graph, ort_reference
 
-    target.check_cross_compiler()
+    target.check_tools()
     onnx_model.check_operators()
     shape = onnx_model.shape(cfg.batch)
     for b in cfg.extra_batches:
         onnx_model.shape(b)
     graph, layers = dequantized_graph(onnx_model.proto)
-    encoding = "int8" if layers else "fp32"
+    encoding = check_precision(cfg, target, "int8" if layers else "fp32")
     if layers:
         log(f"{len(layers)} int8 layers (QDQ MatMul/Gemm) compile to int8 kernels")
     reference = ort_reference(onnx_model.session(optimize=not layers))
     with publish_dir(out_dir, is_compiled_artifact, "a compiled artifact") as tmp:
         start = time.perf_counter()
         shapes = {entry_name(b, cfg.batch): (b, *shape[1:]) for b in (cfg.batch, *cfg.extra_batches)}
-        mod, weights = encode(*import_onnx(graph, onnx_model.input_name, shapes), layers, target)
-        schedules = _write_library(tmp, mod, weights, target, cfg, log)
+        mod, weights = encode(*import_onnx(graph, onnx_model.input_name, shapes), layers, target, cfg.precision)
+        schedules, kernels = _write_library(tmp, mod, weights, target, cfg, log)
         compile_seconds = time.perf_counter() - start
         inputs, source = _onnx_validation_inputs(shape, cfg.images, data, mean, std, log)
         ref_out = save_references(reference, inputs, cfg.batch, tmp)
-        validation = _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding),
-                               " against ONNX Runtime")
+        if encoding == "fp16":
+            validation = _validate_on_host(mod, weights, reference, inputs, source, cfg, log, " against ONNX Runtime")
+        else:
+            validation = _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding),
+                                   " against ONNX Runtime")
         manifest = Manifest(
             target=_target_record(target),
             model={"name": onnx_model.name, "config": {"onnx": str(onnx_model.path)}, "stage": "onnx"},
@@ -216,23 +230,28 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
             files={name: file_sha256(tmp / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
             compile_seconds=round(compile_seconds, 2), config=asdict(cfg), inputs={"onnx": onnx_model.sha256},
             versions={**library_versions(), "tvm": tvm_version(), "onnxruntime": _ort_version()},
-            validation=validation, schedules=schedules)
+            validation=validation, schedules=schedules, cuda=kernels)
         manifest.save(tmp)
     return CompiledArtifact.load(out_dir)
 
 
-def _write_library(tmp: Path, mod, weights, target: Target, cfg: CompileConfig, log: Log) -> dict:
+def _write_library(tmp: Path, mod, weights, target: Target, cfg: CompileConfig, log: Log) -> tuple[dict, dict | None]:
     """Build `mod` with the target's schedules (its tuning database where it has records), write
-    model.so and weights.params into `tmp`; returns the manifest's schedules record."""
-    from edgevit.backend.build import build, export_library, save_weights
+    model.so and weights.params into `tmp`; returns the manifest's schedules record and, for GPU
+    targets, its CUDA record (kernels built ahead of time, their resources, the runtime needed)."""
+    from edgevit.backend.build import build, export_library, runtime_requirements, save_weights
+    from edgevit.backend.cuda import summary
     from edgevit.backend.database import schedule_source
 
     schedules, database = schedule_source(target, cfg.tuning, cfg.database)
     executable = build(mod, target, database)
     log(f"schedules: {schedules}" + (f" ({database})" if database else " (edgevit's default rules)"))
-    export_library(executable, target, tmp / LIBRARY)
+    kernels = export_library(executable, target, tmp / LIBRARY)
+    if kernels is not None:
+        log(summary(kernels))
+        kernels = {**kernels, "runtime": runtime_requirements(kernels["cuda_major"])}
     save_weights(weights, tmp / WEIGHTS)
-    return {"source": schedules, "database": str(database) if database else None}
+    return {"source": schedules, "database": str(database) if database else None}, kernels
 
 
 def _target_record(target: Target) -> dict:
@@ -291,6 +310,39 @@ def _validate(tmp: Path, target: Target, reference: Reference, inputs, source, c
     return result
 
 
+def check_precision(cfg: CompileConfig, target: Target, encoding: str) -> str:
+    """The encoding the artifact gets: the model's own, or fp16 where --precision asks for it."""
+    if cfg.precision == "fp32":
+        return encoding
+    if target.device != "cuda":
+        raise ConfigError(f"--precision {cfg.precision} is for CUDA targets (fp16 matmuls on the GPU); "
+                          f"'{target.name}' is a CPU: compile it fp32, or quantize to int8")
+    if encoding != "fp32":
+        raise ConfigError(f"--precision {cfg.precision} takes an fp32 model; this one is {encoding}: compile it "
+                          "without --precision, or compile its fp32 checkpoint")
+    return cfg.precision
+
+
+def _validate_on_host(mod, weights, reference: Reference, inputs, source, cfg: CompileConfig, log: Log,
+                      against: str) -> dict:
+    """A GPU artifact cannot run here: the same reduced-precision graph is compiled for this
+    machine's CPU and checked against `reference` instead (the tolerance is the artifact's)."""
+    import tempfile
+
+    from edgevit.backend.build import build, export_library, save_weights
+    from edgevit.targets import load_target
+
+    if not cfg.validate:
+        return {"skipped": "disabled (--no-validate)"}
+    host = load_target("host")
+    with tempfile.TemporaryDirectory(prefix="edgevit-host-") as folder:
+        export_library(build(mod, host), host, Path(folder) / LIBRARY)
+        save_weights(weights, Path(folder) / WEIGHTS)
+        result = _validate(Path(folder), host, reference, inputs, source, cfg, log, cfg.tolerance(cfg.precision),
+                           f"{against} (the {cfg.precision} graph compiled for this CPU)")
+    return {**result, "device": f"local cpu: the same {cfg.precision} graph compiled for the host"}
+
+
 def _fp32_agreement(run, ckpt: Checkpoint, model, inputs, source: str, cfg: CompileConfig, log: Log) -> dict:
     """A quantized artifact against the fp32 model it came from: top-1 agreement on the validation
     images (reported, and held to min_fp32_agreement), and the max abs error (reported only)."""
@@ -316,7 +368,7 @@ def check_validation(result: dict, tolerance: Tolerance) -> None:
             tolerance.check(figures, name)
 
 
-def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, folder: Path) -> Manifest:
+def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, folder: Path, encoding: str) -> Manifest:
     from edgevit.backend.build import tvm_version
 
     return Manifest(
@@ -328,7 +380,7 @@ def _manifest(ckpt, target, model, sparsity, cfg, reference, source, seconds, fo
                "layout": "NCHW", "mean": ckpt.data.get("mean"), "std": ckpt.data.get("std"),
                "classes": ckpt.data.get("classes")},
         output={"shape": list(reference.shape), "dtype": "float32"},
-        encoding=ckpt.scheme, tolerance=cfg.tolerance(ckpt.scheme),
+        encoding=encoding, tolerance=cfg.tolerance(encoding),
         reference={"source": source, "output_sha256": hashlib.sha256(reference.tobytes()).hexdigest()},
         files={name: file_sha256(folder / name) for name in (LIBRARY, WEIGHTS, REFERENCE, VALIDATION)},
         compile_seconds=round(seconds, 2), config=asdict(cfg), inputs={"checkpoint": ckpt.digest()},

@@ -3,6 +3,8 @@
     description = "..."            device = "cpu" | "cuda"        arch = "x86_64" | "aarch64"
     rpc_key = "rasp4b"             cross_compiler = "aarch64-linux-gnu-g++"
     cross_package = "g++-aarch64-linux-gnu"    aliases = ["arm"]    notes = "..."
+    cuda = 12                      (GPU targets: the CUDA major version the device has; kernels
+                                    are built with it ahead of time, backend/cuda.py)
     [tvm]  kind = "llvm", mtriple = ..., mcpu = ..., mattr = [...]   ([tvm.host] for GPUs)
 
 `--target` takes a name, an alias, or a path to such a file.
@@ -41,6 +43,7 @@ class Target:
     cross_package: str = ""
     aliases: list[str] = field(default_factory=list)
     notes: str = ""
+    cuda: int = 0
     name: str = ""
 
     def __post_init__(self):
@@ -53,6 +56,18 @@ class Target:
             raise ValueError(f"[tvm] kind {kind!r} must be 'llvm' or 'cuda'")
         if (kind == "cuda") != (self.device == "cuda"):
             raise ValueError(f"[tvm] kind {kind!r} does not match device {self.device!r}")
+        if self.device == "cuda":
+            from edgevit.backend.cuda import check_target
+
+            if not self.cuda:
+                raise ValueError("a cuda device must declare cuda = <major version> (the CUDA the device has: "
+                                 "11 for JetPack 5, 12 for JetPack 6)")
+            try:
+                check_target(self.cuda, self.tvm.get("arch", ""), "cuda")
+            except ConfigError as e:
+                raise ValueError(str(e).removeprefix("cuda: ")) from None
+        elif self.cuda:
+            raise ValueError("cuda is for cuda devices only")
 
     @property
     def runs_here(self) -> bool:
@@ -76,6 +91,15 @@ class Target:
         import json
 
         return json.loads(str(self.tvm_target()))
+
+    def check_tools(self) -> None:
+        """Everything building for this target needs is installed: the cross compiler, and for GPU
+        targets the CUDA compilers of the target's version (`edgevit cuda setup`)."""
+        self.check_cross_compiler()
+        if self.device == "cuda":
+            from edgevit.backend.cuda import require
+
+            require(self.cuda)
 
     def check_cross_compiler(self) -> str | None:
         """The cross compiler command, after checking it is installed (None: host compiler)."""

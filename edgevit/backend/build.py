@@ -35,15 +35,34 @@ def build(mod, target: Target, database: str | Path | None = None):
                            exec_mode="compiled")
 
 
-def export_library(executable, target: Target, path: Path) -> None:
+def export_library(executable, target: Target, path: Path) -> dict | None:
+    """Write the library (cross-compiled for ARM hosts). For CUDA targets the kernels are built
+    ahead of time with the target's CUDA version (cuda.py) and checked against its limits; returns
+    their record for the manifest (None for CPU targets)."""
     import tvm.support.cc as cc
 
+    kwargs, record = {}, None
+    if target.device == "cuda":
+        kwargs["fpack_imports"], record = _cuda_packer(executable, target)
     cross = target.check_cross_compiler()
     with quiet_tvm_warnings():
         if cross:
-            executable.export_library(str(path), fcompile=cc.cross_compiler(cross))
-        else:
-            executable.export_library(str(path))
+            kwargs["fcompile"] = cc.cross_compiler(cross)
+        executable.export_library(str(path), **kwargs)
+    return record
+
+
+def _cuda_packer(executable, target: Target):
+    from edgevit.backend import cuda
+
+    modules = cuda.cuda_modules(executable.mod)
+    if len(modules) != 1:
+        raise RuntimeError(f"expected one CUDA module in the build, found {len(modules)}")
+    source = modules[0].inspect_source("")
+    toolchain, fatbinary = cuda.require(target.cuda)
+    kernels = cuda.compile_kernels(source, target.tvm["arch"], toolchain, fatbinary)
+    cuda.check_limits(kernels.kernels, target.tvm, target.name)
+    return cuda.pack_imports(source, kernels.fatbin), kernels.record()
 
 
 def save_weights(weights: list[np.ndarray], path: Path) -> None:
@@ -51,6 +70,26 @@ def save_weights(weights: list[np.ndarray], path: Path) -> None:
 
     blob = tvm.runtime.save_param_dict({f"p{i}": tvm.runtime.tensor(w) for i, w in enumerate(weights)})
     path.write_bytes(blob)
+
+
+# How to get a CUDA-enabled TVM runtime of the right revision onto a device (README, "Deploying to a GPU").
+RUNTIME_BUILD = {
+    "source": "https://github.com/apache/tvm",
+    "cmake": ["-DUSE_CUDA=ON", "-DUSE_LLVM=OFF", "-DCMAKE_BUILD_TYPE=Release"],
+    "targets": ["tvm_runtime", "tvm_runtime_cuda"],
+}
+
+
+def runtime_requirements(cuda_major: int) -> dict:
+    """What a device needs to run a CUDA artifact: the TVM runtime this compiler matches, built
+    with CUDA, and a driver for the CUDA version the kernels were built with. No NVRTC: the
+    library holds a fatbin, loaded with cuModuleLoadData."""
+    version = tvm_version()
+    release = version.split(".post")[0]
+    return {"tvm": version, "loads": "fatbin via cuModuleLoadData (no NVRTC or nvcc on the device)",
+            "cuda_driver": f"CUDA {cuda_major}.x or newer",
+            "wheel": f"apache-tvm=={version}: its CUDA runtime links libcudart.so.13, so only CUDA 13 drivers",
+            "build": {**RUNTIME_BUILD, "revision": f"v{release}"}}
 
 
 def tvm_version() -> str:
