@@ -50,6 +50,23 @@ def fp32(mod, weights: list[np.ndarray], _layers=None, **_options):
     return mod, [np.asarray(w, order="C") for w in weights]
 
 
+@register_encoding("fp16")
+def fp16(mod, weights: list[np.ndarray], layers=None, **_options):
+    """Mixed precision for GPUs (`compile --precision fp16`): every matmul and conv takes fp16
+    operands and accumulates in fp32 (TVM's ToMixedPrecision with out_dtype float32), so the
+    elementwise ops, softmax and LayerNorm after them run in fp32 on fp32 values; the casts of
+    weights to fp16 are weight-only work, done once here, so weights.params stores the matmul
+    weights in fp16 (biases and norm parameters, which feed fp32 ops, stay fp32)."""
+    from tvm import relax
+
+    from edgevit.backend.frontend import precompute_weight_transforms
+
+    if layers:
+        raise ConfigError("fp16: this model has int8 layers; compile an int8 checkpoint as int8 (no --precision), "
+                          "or its fp32 checkpoint with --precision fp16")
+    return precompute_weight_transforms(relax.transform.ToMixedPrecision(out_dtype="float32")(mod), weights)
+
+
 @register_encoding("int8")
 def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool = False, panels: bool = True):
     """Every matmul whose weight belongs to a quantized layer becomes

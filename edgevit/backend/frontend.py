@@ -14,14 +14,16 @@ from edgevit.backend.build import quiet_tvm_warnings
 from edgevit.errors import EdgeVitError
 
 
-def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple[int, ...] = (), target=None):
+def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple[int, ...] = (), target=None,
+             precision: str = "fp32"):
     """torch.export -> Relax IRModule with weights as inputs, in the model's weight encoding (a
     quantized model's int8 layers as int8 matmuls, see encodings.py); returns (mod, weights).
 
     `main` takes `example`'s batch; each of `extra_batches` gets its own function (`entry_name`:
     a kernel specialised to its exact row count is faster than one for any batch), all taking
     the same weights, which the artifact stores once. `target` (an edgevit Target) picks how
-    int8 layers are laid out for its instructions (see encodings.int8)."""
+    int8 layers are laid out for its instructions (see encodings.int8); `precision` "fp16": the
+    fp16 encoding (GPU targets)."""
     from edgevit.backend.runtime import entry_name
     from edgevit.quantization import quantized_layers
 
@@ -29,14 +31,17 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
     mod, weights = import_float(model, examples)
     layers = {name: (m.weight, m.quant) for name, m in quantized_layers(model).items()}
-    return encode(mod, weights, layers, target)
+    return encode(mod, weights, layers, target, precision)
 
 
-def encode(mod, weights: list[np.ndarray], layers: dict, target=None):
+def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision: str = "fp32"):
     """The fp32 graph with `layers` ({name: (fp32 weight, LayerQuant)}) as int8 matmuls laid out
-    for the target (none: fp32 as imported)."""
+    for the target (none: fp32 as imported); precision "fp16": the fp16 encoding instead."""
     from edgevit.backend.encodings import get_encoding
     from edgevit.backend.int8_rules import has_sdot
+
+    if precision != "fp32":
+        return get_encoding(precision)(mod, weights, layers)
 
     gpu = target is not None and target.device == "cuda"
     # GPUs' int8 tensor cores and ARM's sdot multiply s8 by s8; x86's vpdpbusd takes u8 activations
