@@ -27,8 +27,60 @@ from tvm.runtime.vm import VirtualMachine
 HERE = Path(__file__).resolve().parent
 
 
+# CUDA driver API attributes (cuda.h): CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR / _MINOR
+CC_MAJOR, CC_MINOR = 75, 76
+
+
+def gpu_here():
+    """(compute capability as 87, driver's CUDA version as (12, 2)) of GPU 0, from the driver itself."""
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        sys.exit("error: no NVIDIA driver here (libcuda.so.1 not found); this bundle runs on a CUDA GPU")
+    if cuda.cuInit(0) != 0:
+        sys.exit("error: the NVIDIA driver found no usable GPU (cuInit failed)")
+    version, dev, major, minor = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    cuda.cuDriverGetVersion(ctypes.byref(version))
+    cuda.cuDeviceGet(ctypes.byref(dev), 0)
+    cuda.cuDeviceGetAttribute(ctypes.byref(major), CC_MAJOR, dev)
+    cuda.cuDeviceGetAttribute(ctypes.byref(minor), CC_MINOR, dev)
+    return major.value * 10 + minor.value, (version.value // 1000, version.value % 1000 // 10)
+
+
+def cuda_mismatch(kernels, device_sm, driver):
+    """Why this GPU cannot run the bundle's kernels (None: it can). A cubin for sm_XY runs on
+    compute capability X.Z with Z >= Y; a newer GPU JIT-compiles the bundled PTX, which needs a
+    driver at least as new as the CUDA that wrote it."""
+    built_sm = int(kernels["architectures"][0].split("_")[1])
+    built = tuple(int(v) for v in kernels["cuda_version"].split(".")[:2])
+    target = f"compile it for a target with compute capability {device_sm // 10}.{device_sm % 10}"
+    if driver[0] < built[0]:
+        return (f"the kernels were built with CUDA {kernels['cuda_version']} and this driver supports CUDA "
+                f"{driver[0]}.{driver[1]}: update the driver, or compile for a target declaring cuda = {driver[0]}")
+    if device_sm // 10 == built_sm // 10 and device_sm >= built_sm:
+        return None
+    if device_sm > built_sm and driver >= built:
+        return None
+    if device_sm > built_sm:
+        return (f"the kernels are sm_{built_sm} cubins plus PTX from CUDA {kernels['cuda_version']}; this GPU "
+                f"({device_sm // 10}.{device_sm % 10}) needs the PTX, which its CUDA {driver[0]}.{driver[1]} "
+                f"driver cannot compile: {target}")
+    return (f"the kernels are for sm_{built_sm} (compute capability {built_sm // 10}.{built_sm % 10}) and this "
+            f"GPU is {device_sm // 10}.{device_sm % 10}: {target}")
+
+
 def load():
     manifest = json.loads((HERE / "manifest.json").read_text())
+    if manifest.get("cuda"):    # before the library loads: a mismatch is one line, not a driver error
+        problem = cuda_mismatch(manifest["cuda"], *gpu_here())
+        if problem:
+            sys.exit(f"error: {problem}")
+        import tvm_ffi
+        if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+            sys.exit(f"error: this TVM runtime ({tvm.__version__}) has no CUDA support (libtvm_runtime_cuda.so "
+                     "missing, or the libcudart it links not found); install one built with CUDA (edgevit's "
+                     "README: the TVM runtime on the device)")
     for name, digest in manifest["files"].items():
         if name == "validation.npz":  # stays with the artifact, not shipped
             continue
