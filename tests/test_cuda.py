@@ -299,3 +299,24 @@ def test_a_cuda_bundle_says_in_one_line_that_it_needs_a_gpu(artifacts, tmp_path)
                           text=True, timeout=120)
     assert done.returncode == 1 and done.stdout == ""
     assert done.stderr.strip() == "error: no NVIDIA driver here (libcuda.so.1 not found); this bundle runs on a CUDA GPU"
+
+
+def test_a_users_onnx_file_compiles_fp16_for_a_jetson_checked_against_onnxruntime(tmp_path):
+    from edgevit.compile import compile_onnx
+    from edgevit.onnx_model import OnnxModel
+
+    user_onnx = __import__("pathlib").Path(__file__).parent / "fixtures" / "reference" / "timm_vit_small.onnx"
+    art = compile_onnx(OnnxModel.load(user_onnx), load_target("jetson-orin-nano"), tmp_path / "art",
+                       CompileConfig(batch=1, precision="fp16"), log=lambda _: None)
+    m = art.manifest
+    assert m.encoding == "fp16" and m.cuda["architectures"] == ["sm_87"] and m.cuda["cuda_major"] == 12
+    assert m.validation["device"].startswith("local cpu: the same fp16 graph")
+    assert 0 < m.validation["random"]["max_abs_error"] < m.tolerance.max_abs_error
+
+
+def test_fp16_for_a_cpu_target_is_one_line_exit_2(ckpt, tmp_path):
+    ckpt.save(tmp_path / "model.pt")
+    result = CliRunner().invoke(cli, ["compile", "--target", "rasp4b", "--checkpoint", str(tmp_path / "model.pt"),
+                                      "--precision", "fp16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "--precision fp16 is for CUDA targets" in result.output
