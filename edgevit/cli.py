@@ -465,9 +465,10 @@ def targets_cmd(json_path) -> None:
     rows = list_targets()
     for t in rows:
         alias = f" (alias {', '.join(t.aliases)})" if t.aliases else ""
-        click.echo(f"{t.name:18s} {t.device:4s} {t.arch:7s} {t.description}{alias}")
+        kernels = f"CUDA {t.cuda} " if t.cuda else ""
+        click.echo(f"{t.name:18s} {t.device:4s} {t.arch:7s} {kernels}{t.description}{alias}")
     _write_json(json_path, [{"name": t.name, "device": t.device, "arch": t.arch, "aliases": t.aliases,
-                             "tvm": t.tvm, "rpc_key": t.rpc_key} for t in rows])
+                             "tvm": t.tvm, "rpc_key": t.rpc_key, "cuda": t.cuda or None} for t in rows])
 
 
 @cli.command("compile")

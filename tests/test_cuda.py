@@ -320,3 +320,38 @@ def test_fp16_for_a_cpu_target_is_one_line_exit_2(ckpt, tmp_path):
                                       "--precision", "fp16", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "--precision fp16 is for CUDA targets" in result.output
+
+
+MMA_SOURCE = """
+#ifdef __CUDACC_RTC__
+  #include <cuda/std/cstdint>
+#endif
+#include <cuda_fp16.h>
+#include <mma.h>
+using namespace nvcuda;
+extern "C" __global__ void __launch_bounds__(32) tile_kernel(half* __restrict__ a, half* __restrict__ b,
+                                                             float* __restrict__ c) {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+  wmma::fill_fragment(fc, 0.0f);
+  wmma::load_matrix_sync(fa, a, 16);
+  wmma::load_matrix_sync(fb, b, 16);
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(c, fc, 16, wmma::mem_row_major);
+}
+"""
+
+
+@pytest.mark.parametrize("major, arch", [(11, "sm_72"), (12, "sm_87"), (13, "sm_90")])
+def test_each_cuda_version_builds_fp16_tensor_core_kernels(major, arch):
+    """The headers fp16 and tensor-core kernels include (cuda_fp16.h, mma.h and its crt/mma.h) are
+    in every installed toolchain: a wmma tile compiles to a cubin and PTX of the right ISA."""
+    toolchain, fatbinary = cuda.require(major)
+    kernels = cuda.compile_kernels(MMA_SOURCE, arch, toolchain, fatbinary)
+    assert kernels.cuda_version.startswith(f"{major}.") and int(kernels.ptx_isa.split(".")[0]) == PTX_ISA_MAJOR[major]
+    (tile,) = kernels.kernels
+    assert tile.name == "tile_kernel" and tile.threads == 32 and tile.registers > 0
+    entries = cuda.fatbin_entries(kernels.fatbin)
+    assert sorted((e["kind"], e["arch"]) for e in entries) == [("cubin", arch), ("ptx", arch)]
+    assert b"wmma.mma.sync" in next(e["data"] for e in entries if e["kind"] == "ptx")   # tensor cores

@@ -13,7 +13,8 @@ and the fatbin replaces the source inside the exported library (`pack_imports`).
 come from NVIDIA's PyPI wheels, one folder per CUDA major version (`edgevit cuda setup`):
 nvidia-cuda-nvrtc (NVRTC, called through ctypes), nvidia-cuda-nvcc (ptxas; CUDA 13's also has
 fatbinary, which packages any version's cubins), nvidia-cuda-cccl and nvidia-cuda-runtime (the
-headers TVM's source includes: cuda/std/*, cuda_fp16.h).
+headers TVM's source includes: cuda/std/*, cuda_fp16.h, and mma.h's crt/mma.h for tensor-core
+kernels; CUDA 13 ships crt in nvidia-cuda-crt).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ TOOLCHAIN_WHEELS = {
     # CUDA 13's runtime wheel also gives libcudart.so.13, which the apache-tvm wheel's CUDA runtime
     # links: with it that runtime loads here, so a test reads an artifact back through the loader a device uses
     13: ["nvidia-cuda-nvrtc==13.5.37", "nvidia-cuda-nvcc==13.5.37", "nvidia-cuda-cccl==13.3.5.0.6",
-         "nvidia-cuda-runtime==13.5.37"],
+         "nvidia-cuda-runtime==13.5.37", "nvidia-cuda-crt==13.5.37"],
 }
 FATBINARY_MAJOR = 13        # only CUDA 13's nvcc wheel carries fatbinary
 # The GPU architectures each major version's compilers build for (CUDA 12 dropped Kepler, 13 dropped
@@ -116,12 +117,14 @@ class Toolchain:
     @property
     def include_dirs(self) -> list[Path]:
         return [p for p in (self.root / "nvidia/cuda_cccl/include", self.root / "nvidia/cu13/include/cccl",
-                            self.root / "nvidia/cuda_runtime/include", self.root / "nvidia/cu13/include") if p.is_dir()]
+                            self.root / "nvidia/cuda_runtime/include", self.root / "nvidia/cuda_nvcc/include",
+                            self.root / "nvidia/cu13/include") if p.is_dir()]
 
     def installed(self) -> bool:
         return self.nvrtc is not None and self.ptxas is not None and \
             any((d / "cuda_fp16.h").is_file() for d in self.include_dirs) and \
-            any((d / "cuda/std/cstdint").is_file() for d in self.include_dirs)
+            any((d / "cuda/std/cstdint").is_file() for d in self.include_dirs) and \
+            any((d / "crt/mma.h").is_file() for d in self.include_dirs)
 
     def version(self) -> str:
         """NVRTC's version, e.g. "12.9"."""
