@@ -3,12 +3,14 @@ runtimes a user would otherwise ship: PyTorch eager, torch.compile and ONNX Runt
 provider, same batch, same process, interleaved rounds.
 
 For each `--artifact DIR --checkpoint CKPT` pair: the artifact's stored validation inputs run on
-the device and are compared with the PyTorch outputs compile saved (the artifact's own
-tolerance); the checkpoint rebuilds the PyTorch model (with the artifact's sparsity config) for
-the peers. An fp16 artifact's peers run under fp16 autocast (PyTorch) and on an fp16-cast ONNX
-file's fp32 export (ONNX Runtime; its CUDA provider computes fp32 then). `--device cpu` runs the
-same steps on host artifacts with CPU peers, which is how this script is tested on a machine
-without a GPU (tests/test_gpu_run.py).
+the device and are compared with the outputs compile saved from PyTorch or ONNX Runtime (the
+artifact's own tolerance); the checkpoint rebuilds the PyTorch model (with the artifact's
+sparsity config) for the peers. An artifact compiled from an ONNX file takes `--checkpoint none`:
+its peer is ONNX Runtime on that file. An fp16 artifact's PyTorch peers run under fp16 autocast;
+ONNX Runtime runs the fp32 export (say so when comparing). An artifact built for another GPU
+architecture than the one here is skipped, said so. `--device cpu` runs the same steps on host
+artifacts with CPU peers, which is how this script is tested on a machine without a GPU
+(tests/test_gpu_run.py).
 
     python benchmarks/gpu_run.py --artifact out/cuda --checkpoint runs/fashion4/model.pt \
         [--artifact ... --checkpoint ...] [--seconds 2] [--json gpu.json] [--markdown gpu.md]
@@ -82,8 +84,9 @@ def torch_peers(ckpt, art, device: str, x: np.ndarray) -> dict:
 
 
 def ort_peer(ckpt, art, device: str, x: np.ndarray, folder: Path):
-    """ONNX Runtime on the same model (edgevit's own export, checked against PyTorch), CUDA provider
-    on a GPU; None (said so) when that provider is not installed."""
+    """ONNX Runtime on the same model (the artifact's own ONNX file, or edgevit's export of the
+    checkpoint, checked against PyTorch), CUDA provider on a GPU; None (said so) when that provider
+    is not installed."""
     import onnxruntime as ort
 
     from edgevit.export import ExportConfig, export_onnx
@@ -93,25 +96,46 @@ def ort_peer(ckpt, art, device: str, x: np.ndarray, folder: Path):
     if provider not in ort.get_available_providers():
         print(f"ONNX Runtime has no {provider} here (pip install onnxruntime-gpu); skipped", file=sys.stderr)
         return None
-    sparsity = SparsityConfig.from_dict(art.manifest.sparsity) if art.manifest.sparsity else None
-    path = folder / "model.onnx"
-    export_onnx(ckpt, path, sparsity, ExportConfig(batch=art.manifest.batch, images=0), log=lambda _: None)
+    if ckpt is None:
+        path = art.manifest.model["config"]["onnx"]
+    else:
+        sparsity = SparsityConfig.from_dict(art.manifest.sparsity) if art.manifest.sparsity else None
+        path = folder / "model.onnx"
+        export_onnx(ckpt, path, sparsity, ExportConfig(batch=art.manifest.batch, images=0), log=lambda _: None)
     session = ort.InferenceSession(str(path), providers=[provider])
     name = session.get_inputs()[0].name
     return lambda: session.run(None, {name: x})
 
 
-def run_pair(artifact: str, checkpoint: str, device: str, seconds: float, rounds: int) -> dict:
+def arch_problem(art, device: str) -> str | None:
+    """Why this GPU is not the one the artifact's cubin is for (None: it is, or a CPU run)."""
+    if device != "cuda":
+        return None
+    import tvm
+
+    here = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+    built = art.manifest.cuda["architectures"][0] if art.manifest.cuda else art.manifest.target["tvm"].get("arch")
+    return None if here == built else f"built for {built}, this GPU is {here}"
+
+
+def run_pair(artifact: str, checkpoint: str, device: str, seconds: float, rounds: int) -> dict | None:
     from edgevit.artifact import CompiledArtifact
     from edgevit.checkpoint import Checkpoint
 
-    art, ckpt = CompiledArtifact.load(artifact), Checkpoint.load(checkpoint)
+    art = CompiledArtifact.load(artifact)
+    ckpt = None if checkpoint == "none" else Checkpoint.load(checkpoint)
+    if ckpt is None and art.manifest.model.get("stage") != "onnx":
+        raise SystemExit(f"{artifact}: compiled from a checkpoint; pass it with --checkpoint")
+    problem = arch_problem(art, device)
+    if problem:
+        print(f"{artifact}: skipped ({problem})", file=sys.stderr)
+        return None
     session = artifact_session(art, device)
     row = {"artifact": artifact, "target": art.manifest.target["name"], "encoding": art.manifest.encoding,
            "batch": art.manifest.batch, "device": device, "check": check(session, art)}
     x = art.reference()[0]
     with tempfile.TemporaryDirectory(prefix="edgevit-gpu-run-") as tmp:
-        engines = {"edgevit": lambda: session.run(x), **torch_peers(ckpt, art, device, x)}
+        engines = {"edgevit": lambda: session.run(x), **(torch_peers(ckpt, art, device, x) if ckpt else {})}
         ort_call = ort_peer(ckpt, art, device, x, Path(tmp))
         if ort_call is not None:
             engines["onnxruntime"] = ort_call
@@ -132,7 +156,7 @@ def markdown(rows: list[dict]) -> str:
         cell = "{:.3f}".format
         lines.append(f"| {r['artifact']} | {r['target']} | {r['encoding']} | {r['batch']} | "
                      f"{c['max_abs_error']:.1e}, {c['top1_agreement']:.1f}% {'ok' if c['ok'] else 'FAIL'} | "
-                     f"{cell(m['edgevit'])} | {cell(m['pytorch eager'])} | "
+                     f"{cell(m['edgevit'])} | {cell(m['pytorch eager']) if 'pytorch eager' in m else '-'} | "
                      f"{cell(m['torch.compile']) if 'torch.compile' in m else '-'} | "
                      f"{cell(m['onnxruntime']) if 'onnxruntime' in m else '-'} | "
                      f"{r['x_peer'].get('onnxruntime', '-')} |")
@@ -142,7 +166,8 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", action="append", required=True)
-    ap.add_argument("--checkpoint", action="append", required=True, help="one per --artifact, in order")
+    ap.add_argument("--checkpoint", action="append", required=True,
+                    help="one per --artifact, in order ('none' for an artifact compiled from an ONNX file)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=2)
@@ -153,8 +178,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error("give one --checkpoint per --artifact")
     rows = []
     for artifact, checkpoint in zip(args.artifact, args.checkpoint):
-        rows.append(run_pair(artifact, checkpoint, args.device, args.seconds, args.rounds))
-        print(json.dumps(rows[-1]), flush=True)
+        row = run_pair(artifact, checkpoint, args.device, args.seconds, args.rounds)
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     table = markdown(rows)
     print(table)
     if args.json:

@@ -12,7 +12,7 @@ from edgevit.fileio import holds_only, publish_dir
 
 LOADER_SOURCE = '''#!/usr/bin/env python3
 """Run this edgevit model with the TVM runtime alone (pip install apache-tvm; on a device
-TVM_USE_RUNTIME_LIB=1 skips the compiler library).
+TVM_USE_RUNTIME_LIB=1 skips the compiler library; this loader then loads TVM's CUDA runtime itself).
 
     python3 run_model.py            # checks the bundled reference batch, prints latency
     python3 run_model.py x.npy      # classifies a float32 array shaped like manifest input.shape
@@ -56,8 +56,10 @@ def cuda_mismatch(kernels, device_sm, driver):
     built = tuple(int(v) for v in kernels["cuda_version"].split(".")[:2])
     target = f"compile it for a target with compute capability {device_sm // 10}.{device_sm % 10}"
     if driver[0] < built[0]:
+        fix = f"or compile for a target declaring cuda = {driver[0]}" if driver[0] >= 11 else \
+            "edgevit builds with CUDA 11 or newer"
         return (f"the kernels were built with CUDA {kernels['cuda_version']} and this driver supports CUDA "
-                f"{driver[0]}.{driver[1]}: update the driver, or compile for a target declaring cuda = {driver[0]}")
+                f"{driver[0]}.{driver[1]}: update the driver ({fix})")
     if device_sm // 10 == built_sm // 10 and device_sm >= built_sm:
         return None
     if device_sm > built_sm and driver >= built:
@@ -70,17 +72,33 @@ def cuda_mismatch(kernels, device_sm, driver):
             f"GPU is {device_sm // 10}.{device_sm % 10}: {target}")
 
 
+def cuda_runtime():
+    """TVM's CUDA runtime (libtvm_runtime_cuda.so beside libtvm_runtime.so), loaded: TVM 0.27 skips it
+    in runtime-only mode (TVM_USE_RUNTIME_LIB=1) and when its libcudart is missing, silently."""
+    import ctypes
+    import tvm_ffi
+    if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    from tvm import libinfo
+    lib = Path(libinfo.find_libtvm_runtime()).parent / "libtvm_runtime_cuda.so"
+    if not lib.is_file():
+        sys.exit(f"error: this TVM runtime ({tvm.__version__}) has no CUDA support ({lib.name} not beside "
+                 f"{libinfo.find_libtvm_runtime()}); install one built with CUDA (edgevit's README: the TVM "
+                 "runtime on the device)")
+    try:
+        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        sys.exit(f"error: TVM's CUDA runtime does not load ({str(e).splitlines()[0]}); put the CUDA runtime "
+                 "library it names on LD_LIBRARY_PATH")
+
+
 def load():
     manifest = json.loads((HERE / "manifest.json").read_text())
     if manifest.get("cuda"):    # before the library loads: a mismatch is one line, not a driver error
         problem = cuda_mismatch(manifest["cuda"], *gpu_here())
         if problem:
             sys.exit(f"error: {problem}")
-        import tvm_ffi
-        if tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
-            sys.exit(f"error: this TVM runtime ({tvm.__version__}) has no CUDA support (libtvm_runtime_cuda.so "
-                     "missing, or the libcudart it links not found); install one built with CUDA (edgevit's "
-                     "README: the TVM runtime on the device)")
+        cuda_runtime()
     for name, digest in manifest["files"].items():
         if name == "validation.npz":  # stays with the artifact, not shipped
             continue

@@ -150,8 +150,13 @@ def test_the_device_runtime_loads_the_kernels_without_any_compiler(artifacts, tm
 
     mod, _ = to_relax(model, torch.zeros(1, 1, 32, 32), (), target)
     record = export_library(build(mod, target), target, host_lib)
+    from edgevit.package import LOADER_SOURCE
+
+    loader = tmp_path / "run_model.py"
+    loader.write_text(LOADER_SOURCE)
     script = f"""
-import tvm, tvm_ffi
+import runpy, tvm, tvm_ffi
+runpy.run_path({str(loader)!r}, run_name="bundle")["cuda_runtime"]()      # the bundle loader's step
 assert tvm_ffi.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None, "no CUDA runtime"
 @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
 def refuse(code):
@@ -168,10 +173,12 @@ while stack:
 import hashlib, json
 print(json.dumps([hashlib.sha256(b).hexdigest() for b in found]))
 """
-    env = {**os.environ, "LD_LIBRARY_PATH": f"{tmp_path}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-1500:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [record["fatbin_sha256"]]
+    for runtime_only in ("0", "1"):    # TVM_USE_RUNTIME_LIB=1: TVM skips its CUDA runtime, the loader loads it
+        env = {**os.environ, "LD_LIBRARY_PATH": f"{tmp_path}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+               "TVM_USE_RUNTIME_LIB": runtime_only}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-1500:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [record["fatbin_sha256"]]
     assert art.manifest.cuda["fatbin_sha256"] != record["fatbin_sha256"]     # sm_87 and sm_90 kernels differ
 
 
@@ -257,11 +264,21 @@ def test_a_gpu_target_declares_a_cuda_version_that_builds_its_arch(tmp_path, tom
         load_target(str(path))
 
 
-def test_every_gpu_target_builds_with_a_cuda_its_device_has():
-    declared = {t.name: t.cuda for t in map(load_target, ["jetson-orin", "jetson-orin-nano", "jetson-xavier",
-                                                         "cuda-sm80", "cuda-sm86", "cuda-sm89", "cuda-sm90"])}
-    assert declared == {"jetson-orin": 12, "jetson-orin-nano": 12, "jetson-xavier": 11, "cuda-sm80": 12,
-                        "cuda-sm86": 12, "cuda-sm89": 12, "cuda-sm90": 12}
+def test_targets_lists_each_gpu_targets_cuda_version(tmp_path):
+    result = CliRunner().invoke(cli, ["targets", "--json", str(tmp_path / "t.json")])
+    assert result.exit_code == 0 and "jetson-xavier      cuda aarch64 CUDA 11 NVIDIA" in result.output
+    rows = {t["name"]: t for t in json.loads((tmp_path / "t.json").read_text())}
+    assert rows["jetson-orin"]["cuda"] == 12 and rows["jetson-xavier"]["cuda"] == 11 and rows["host"]["cuda"] is None
+
+
+def test_setup_leaves_a_folder_it_did_not_write_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEVIT_HOME", str(tmp_path))
+    mine = tmp_path / "cuda" / "12"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(EdgeVitError, match="cuda/12 exists and was not written by `edgevit cuda setup`"):
+        cuda.setup(12, log=lambda _: None)
+    assert (mine / "notes.txt").read_text() == "the user's"
 
 
 def _loader_namespace():
@@ -275,8 +292,9 @@ def _loader_namespace():
 @pytest.mark.parametrize("device_sm, driver, problem", [
     (87, (12, 2), None),                                    # Orin on JetPack 6: the cubin, by minor-version compatibility
     (86, (12, 4), "are for sm_87 .*this GPU is 8.6: compile it for a target with compute capability 8.6"),
-    (72, (11, 4), "built with CUDA 12.9 and this driver supports CUDA 11.4: update the driver, or compile for a "
-                  "target declaring cuda = 11"),
+    (72, (11, 4), "built with CUDA 12.9 and this driver supports CUDA 11.4: update the driver \\(or compile for a "
+                  "target declaring cuda = 11\\)"),
+    (87, (10, 2), "this driver supports CUDA 10.2: update the driver \\(edgevit builds with CUDA 11 or newer\\)"),
     (90, (12, 9), None),                                    # a newer GPU JIT-compiles the PTX
     (90, (12, 2), "needs the PTX, which its CUDA 12.2 driver cannot compile"),
 ])
@@ -355,3 +373,36 @@ def test_each_cuda_version_builds_fp16_tensor_core_kernels(major, arch):
     entries = cuda.fatbin_entries(kernels.fatbin)
     assert sorted((e["kind"], e["arch"]) for e in entries) == [("cubin", arch), ("ptx", arch)]
     assert b"wmma.mma.sync" in next(e["data"] for e in entries if e["kind"] == "ptx")   # tensor cores
+
+
+def test_fp16_keeps_softmax_and_layernorm_in_fp32_and_accumulates_matmuls_in_fp32():
+    """A bias-free matmul feeding LayerNorm and softmax (the case where nothing else keeps fp32)."""
+    import tvm
+    from tvm.script import relax as R
+
+    from edgevit.backend.encodings import get_encoding
+
+    @tvm.script.ir_module
+    class Block:
+        @R.function
+        def main(x: R.Tensor((4, 8), "float32"), w: R.Tensor((8, 8), "float32"), g: R.Tensor((8,), "float32"),
+                 b: R.Tensor((8,), "float32")):
+            with R.dataflow():
+                y = R.matmul(x, w)
+                z = R.nn.layer_norm(y, g, b, axes=[-1])
+                s = R.nn.softmax(R.matmul(z, w), axis=-1)
+                R.output(s)
+            return s
+
+    weights = [np.ones((8, 8), np.float32), np.ones(8, np.float32), np.zeros(8, np.float32)]
+    mod, _ = get_encoding("fp16")(Block, weights)
+    calls = {}
+    for binding in mod["main"].body.blocks[0].bindings:
+        op = getattr(binding.value, "op", None)
+        if getattr(op, "name", None) in ("relax.matmul", "relax.nn.layer_norm", "relax.nn.softmax"):
+            calls.setdefault(op.name, []).append(binding.value)
+    assert all(str(a.ty.dtype) == "float16" for c in calls["relax.matmul"] for a in c.args)   # fp16 operands
+    assert all(str(c.ty.dtype) == "float32" for c in calls["relax.matmul"])                    # fp32 sums
+    for name in ("relax.nn.layer_norm", "relax.nn.softmax"):
+        (call,) = calls[name]
+        assert str(call.args[0].ty.dtype) == "float32" and str(call.ty.dtype) == "float32"

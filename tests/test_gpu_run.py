@@ -35,6 +35,8 @@ def test_gpu_run_checks_the_artifact_and_times_it_beside_its_peers(tmp_path):
     assert row["x_peer"]["onnxruntime"] == pytest.approx(row["median_ms"]["edgevit"] / row["median_ms"]["onnxruntime"],
                                                          rel=1e-2)
     assert "| host | fp32 | 2 |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(SystemExit, match="compiled from a checkpoint; pass it with --checkpoint"):
+        gpu_run.run_pair(str(tmp_path / "host"), "none", "cpu", 0.1, 1)
 
 
 def test_gpu_run_pairs_each_artifact_with_a_checkpoint(capsys):
@@ -43,3 +45,16 @@ def test_gpu_run_pairs_each_artifact_with_a_checkpoint(capsys):
     with pytest.raises(SystemExit):
         gpu_run.main(["--artifact", "a", "--artifact", "b", "--checkpoint", "c"])
     assert "give one --checkpoint per --artifact" in capsys.readouterr().err
+
+
+def test_gpu_run_times_an_onnx_artifact_against_onnxruntime_on_its_own_file(tmp_path):
+    import gpu_run
+    from edgevit.compile import compile_onnx
+    from edgevit.onnx_model import OnnxModel
+
+    user_onnx = Path(__file__).parent / "fixtures" / "reference" / "timm_vit_small.onnx"
+    compile_onnx(OnnxModel.load(user_onnx), load_target("host"), tmp_path / "art", CompileConfig(batch=1),
+                 log=lambda _: None)
+    (row,) = gpu_run.main(["--artifact", str(tmp_path / "art"), "--checkpoint", "none", "--device", "cpu",
+                           "--seconds", "0.2", "--rounds", "1"])
+    assert row["check"]["ok"] and set(row["median_ms"]) == {"edgevit", "onnxruntime"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevit.errors import EdgeVitError
 from edgevit.targets import Target
 
 # Printed by TVM's C++ logger for every build, dozens of lines each, and harmless here: every
@@ -57,7 +58,8 @@ def _cuda_packer(executable, target: Target):
 
     modules = cuda.cuda_modules(executable.mod)
     if len(modules) != 1:
-        raise RuntimeError(f"expected one CUDA module in the build, found {len(modules)}")
+        raise EdgeVitError(f"the build for '{target.name}' holds {len(modules)} CUDA modules, edgevit packs exactly "
+                           "one; report this model")
     source = modules[0].inspect_source("")
     toolchain, fatbinary = cuda.require(target.cuda)
     kernels = cuda.compile_kernels(source, target.tvm["arch"], toolchain, fatbinary)
@@ -80,14 +82,15 @@ RUNTIME_BUILD = {
 }
 
 
-def runtime_requirements(cuda_major: int) -> dict:
+def runtime_requirements(cuda_major: int, cuda_version: str) -> dict:
     """What a device needs to run a CUDA artifact: the TVM runtime this compiler matches, built
     with CUDA, and a driver for the CUDA version the kernels were built with. No NVRTC: the
     library holds a fatbin, loaded with cuModuleLoadData."""
     version = tvm_version()
     release = version.split(".post")[0]
     return {"tvm": version, "loads": "fatbin via cuModuleLoadData (no NVRTC or nvcc on the device)",
-            "cuda_driver": f"CUDA {cuda_major}.x or newer",
+            "cuda_driver": f"CUDA {cuda_major}.x or newer for the cubin; {cuda_version} or newer where a newer GPU "
+                           "than the target's runs the PTX",
             "wheel": f"apache-tvm=={version}: its CUDA runtime links libcudart.so.13, so only CUDA 13 drivers",
             "build": {**RUNTIME_BUILD, "revision": f"v{release}"}}
 

@@ -121,7 +121,7 @@ class Toolchain:
                             self.root / "nvidia/cu13/include") if p.is_dir()]
 
     def installed(self) -> bool:
-        return self.nvrtc is not None and self.ptxas is not None and \
+        return self.root.is_dir() and self.nvrtc is not None and self.ptxas is not None and \
             any((d / "cuda_fp16.h").is_file() for d in self.include_dirs) and \
             any((d / "cuda/std/cstdint").is_file() for d in self.include_dirs) and \
             any((d / "crt/mma.h").is_file() for d in self.include_dirs)
@@ -144,31 +144,51 @@ def require(major: int) -> tuple[Toolchain, Path]:
     return Toolchain.of(major), Toolchain.of(FATBINARY_MAJOR).fatbinary
 
 
+MARKER = ".edgevit-toolchain"     # in every toolchain folder `setup` wrote: the only ones it replaces
+
+
 def setup(major: int, log: Log = print) -> Toolchain:
-    """pip-install one major version's compiler wheels into their own folder (atomically: a
-    half-finished install is never taken for a toolchain)."""
+    """pip-install one major version's compiler wheels into their own folder, atomically (a
+    half-finished install is never taken for a toolchain); a folder there that edgevit did not
+    write is left alone."""
     tc = Toolchain.of(major)
     if tc.installed():
         log(f"CUDA {major} compilers already set up: {tc.root}")
         return tc
+    if tc.root.exists() and not (tc.root / MARKER).is_file():
+        raise EdgeVitError(f"{tc.root} exists and was not written by `edgevit cuda setup`; move it away or point "
+                           "EDGEVIT_HOME at another folder")
+    log(f"installing the CUDA {major} compilers ({', '.join(TOOLCHAIN_WHEELS[major])})")
     try:
         tc.root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{major}-", dir=tc.root.parent))
+        tmp.chmod(0o755)
     except OSError as e:
-        raise EdgeVitError(f"{tc.root.parent}: cannot create the toolchain folder ({e.strerror}); point "
+        raise EdgeVitError(f"{tc.root.parent}: cannot write the toolchain folder ({e.strerror}); point "
                            "EDGEVIT_HOME at a writable folder") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{major}-", dir=tc.root.parent))
-    log(f"installing the CUDA {major} compilers ({', '.join(TOOLCHAIN_WHEELS[major])})")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp), *TOOLCHAIN_WHEELS[major]]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
+    try:
+        _pip_install(TOOLCHAIN_WHEELS[major], tmp, major)
+        (tmp / MARKER).write_text(" ".join(TOOLCHAIN_WHEELS[major]) + "\n")
+        if not Toolchain(major, tmp).installed():
+            raise EdgeVitError(f"the CUDA {major} wheels installed without NVRTC, ptxas or the headers edgevit needs; "
+                               "report this with `pip --version`")
+        if tc.root.exists():
+            shutil.rmtree(tc.root)      # an older install by `setup` itself (its marker checked above)
+        os.replace(tmp, tc.root)
+    except OSError as e:
+        raise EdgeVitError(f"{tc.root}: cannot install the CUDA {major} compilers ({e.strerror or e})") from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise EdgeVitError(f"installing the CUDA {major} compilers failed: {tail[0][:200]}")
-    if tc.root.exists():
-        shutil.rmtree(tc.root)          # an incomplete earlier install edgevit made (installed() was False)
-    os.replace(tmp, tc.root)
     log(f"CUDA {major} compilers ready: {tc.root} (NVRTC {tc.version()})")
     return tc
+
+
+def _pip_install(wheels: list[str], folder: Path, major: int) -> None:
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), *wheels]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise EdgeVitError(f"installing the CUDA {major} compilers failed: {tail[0][:200]}")
 
 
 # ---------------------------------------------------------------------------- kernels
@@ -288,7 +308,9 @@ def _dynamic_shared_kernels(source: str) -> set[str]:
 
 
 def check_limits(kernels, limits: dict, target_name: str) -> None:
-    """Refuse a kernel the target's GPU cannot launch, naming the kernel and the limit."""
+    """Refuse a kernel the target's GPU cannot launch, naming the kernel and the limit. Static shared
+    memory only: dynamic shared memory (TVM's tensor-core matmuls) is sized at launch and TVM's
+    runtime opts the kernel in above 48 KB; ptxas does not see it, so it is flagged, not checked."""
     threads_max = int(limits.get("max_num_threads", 1024))
     smem_max = int(limits.get("max_shared_memory_per_block", 49152))
     regs_block = int(limits.get("registers_per_block", 65536))
@@ -315,8 +337,11 @@ def summary(record: dict) -> str:
     top = max(ks, key=lambda k: k["registers"])
     spills = [k["name"] for k in ks if k["spill_store_bytes"] or k["spill_load_bytes"]]
     smem = max(k["shared_bytes"] for k in ks)
+    dynamic = sum(k["dynamic_shared"] for k in ks)
     return (f"{len(ks)} CUDA kernels built ahead of time for {', '.join(record['architectures'])} (+PTX) with CUDA "
-            f"{record['cuda_version']}: max {top['registers']} registers ({top['name']}), max {smem} B shared, "
+            f"{record['cuda_version']}: max {top['registers']} registers ({top['name']}, {top['threads']} threads), "
+            f"max {smem} B static shared, max {max(k['threads'] or 0 for k in ks)} threads per block"
+            + (f", {dynamic} with dynamic shared memory (sized at launch)" if dynamic else "") + ", "
             + (f"register spills in {len(spills)}: {', '.join(spills[:3])}" if spills else "no register spills"))
 
 

@@ -52,11 +52,13 @@ def fp32(mod, weights: list[np.ndarray], _layers=None, **_options):
 
 @register_encoding("fp16")
 def fp16(mod, weights: list[np.ndarray], layers=None, **_options):
-    """Mixed precision for GPUs (`compile --precision fp16`): every matmul and conv takes fp16
-    operands and accumulates in fp32 (TVM's ToMixedPrecision with out_dtype float32), so the
-    elementwise ops, softmax and LayerNorm after them run in fp32 on fp32 values; the casts of
-    weights to fp16 are weight-only work, done once here, so weights.params stores the matmul
-    weights in fp16 (biases and norm parameters, which feed fp32 ops, stay fp32)."""
+    """Mixed precision for GPUs (`compile --precision fp16`), as PyTorch's autocast does it: every
+    matmul and conv takes fp16 operands, accumulates in fp32 and rounds its result to fp16 (TVM's
+    ToMixedPrecision, out_dtype float32). Softmax is computed in fp32 (that pass never lowers it),
+    and so are LayerNorm, the bias adds and the residual stream: the pass computes an op in fp32
+    when any input is fp32, and their scales, shifts and biases are fp32 parameters (tested).
+    The casts of weights to fp16 are weight-only work, done once here, so weights.params stores
+    the matmul weights in fp16 (biases and norm parameters, which feed fp32 ops, stay fp32)."""
     from tvm import relax
 
     from edgevit.backend.frontend import precompute_weight_transforms
