@@ -21,7 +21,7 @@ def edgevit_imports(path: Path) -> set[str]:
     """Every edgevit module `path` imports, at the top or inside functions (a lazy import still
     ties the modules together: it is how compile and tune came to import each other)."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

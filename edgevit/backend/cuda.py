@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -240,6 +241,25 @@ def compile_kernels(source: str, arch: str, toolchain: Toolchain, fatbinary: Pat
 
 
 def nvrtc_ptx(source: str, compute: str, toolchain: Toolchain) -> bytes:
+    with _thread_locale_kept():
+        return _nvrtc_ptx(source, compute, toolchain)
+
+
+@contextmanager
+def _thread_locale_kept():
+    """NVRTC 11 switches the calling thread to the C locale (uselocale) and leaves it there, which
+    turns Python's default text encoding into ASCII for the rest of the process (seen: reading a
+    UTF-8 source file failed after a Xavier compile); the thread's locale is put back."""
+    libc = ctypes.CDLL(None)
+    libc.uselocale.restype, libc.uselocale.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    saved = libc.uselocale(None)
+    try:
+        yield
+    finally:
+        libc.uselocale(saved)
+
+
+def _nvrtc_ptx(source: str, compute: str, toolchain: Toolchain) -> bytes:
     lib = ctypes.CDLL(str(toolchain.nvrtc))
     lib.nvrtcGetErrorString.restype = ctypes.c_char_p
     prog = ctypes.c_void_p()

@@ -57,16 +57,15 @@ def fp16(mod, weights: list[np.ndarray], layers=None, **_options):
     ToMixedPrecision, out_dtype float32). Softmax is computed in fp32 (that pass never lowers it),
     and so are LayerNorm, the bias adds and the residual stream: the pass computes an op in fp32
     when any input is fp32, and their scales, shifts and biases are fp32 parameters (tested).
-    The casts of weights to fp16 are weight-only work, done once here, so weights.params stores
-    the matmul weights in fp16 (biases and norm parameters, which feed fp32 ops, stay fp32)."""
+    The casts of weights to fp16 are weight-only work, which the frontend's weight-transform step
+    does once at compile time (frontend.encode), so weights.params stores the matmul weights in
+    fp16 (biases and norm parameters, which feed fp32 ops, stay fp32)."""
     from tvm import relax
-
-    from edgevit.backend.frontend import precompute_weight_transforms
 
     if layers:
         raise ConfigError("fp16: this model has int8 layers; compile an int8 checkpoint as int8 (no --precision), "
                           "or its fp32 checkpoint with --precision fp16")
-    return precompute_weight_transforms(relax.transform.ToMixedPrecision(out_dtype="float32")(mod), weights)
+    return relax.transform.ToMixedPrecision(out_dtype="float32")(mod), weights
 
 
 @register_encoding("int8")

@@ -40,8 +40,8 @@ def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision:
     from edgevit.backend.encodings import get_encoding
     from edgevit.backend.int8_rules import has_sdot
 
-    if precision != "fp32":
-        return get_encoding(precision)(mod, weights, layers)
+    if precision != "fp32":   # reduced precision: its weight casts computed once, here
+        return precompute_weight_transforms(*get_encoding(precision)(mod, weights, layers))
 
     gpu = target is not None and target.device == "cuda"
     # GPUs' int8 tensor cores and ARM's sdot multiply s8 by s8; x86's vpdpbusd takes u8 activations
