@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 # setup also installs the CUDA compilers GPU targets' kernels are built with (NVIDIA's PyPI wheels,
-# ~0.7 GB into ~/.cache/edgevit/cuda; `edgevit cuda setup`), so no GPU or CUDA install is needed.
+# ~780 MB into ~/.cache/edgevit/cuda; `edgevit cuda setup`), so no GPU or CUDA install is needed.
 # Everything installs into .venv; torch is pinned to the CPU build first so that pip never
 # pulls multi-GB CUDA wheels on a CPU machine (on a GPU machine, install your CUDA torch first).
 PYTHON ?= python3
