@@ -411,3 +411,11 @@ def test_fp16_keeps_softmax_and_layernorm_in_fp32_and_accumulates_matmuls_in_fp3
     for name in ("relax.nn.layer_norm", "relax.nn.softmax"):
         (call,) = calls[name]
         assert str(call.args[0].ty.dtype) == "float32" and str(call.ty.dtype) == "float32"
+
+
+def test_max_abs_error_option_sets_the_tolerance_and_is_checked(ckpt, tmp_path):
+    ckpt.save(tmp_path / "model.pt")
+    result = CliRunner().invoke(cli, ["compile", "--target", "jetson-orin", "--checkpoint", str(tmp_path / "model.pt"),
+                                      "--max-abs-error", "0", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "max_abs_error must be > 0" in result.output
+    assert CompileConfig(max_abs_error=0.5, precision="fp16").tolerance("fp16").max_abs_error == 0.5
