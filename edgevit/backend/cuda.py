@@ -329,7 +329,7 @@ def _dynamic_shared_kernels(source: str) -> set[str]:
 
 def check_limits(kernels, limits: dict, target_name: str) -> None:
     """Refuse a kernel the target's GPU cannot launch, naming the kernel and the limit. Static shared
-    memory only: dynamic shared memory (TVM's tensor-core matmuls) is sized at launch and TVM's
+    memory only: dynamic shared memory (some of TVM's GPU matmul schedules) is sized at launch and TVM's
     runtime opts the kernel in above 48 KB; ptxas does not see it, so it is flagged, not checked."""
     threads_max = int(limits.get("max_num_threads", 1024))
     smem_max = int(limits.get("max_shared_memory_per_block", 49152))
