@@ -58,13 +58,10 @@ def resources(art, target) -> dict:
 def library_images(library: Path) -> list[str]:
     """What the library itself carries, read from its bytes: each fatbin image's kind and the
     architecture its own header names (cubin: the ELF's e_flags; PTX: its .target and .version)."""
-    from edgevit.backend.cuda import FATBIN_MAGIC, fatbin_entries
+    from edgevit.backend.cuda import fatbin_entries, library_fatbin
 
-    blob = library.read_bytes()
-    start = blob.find(struct.pack("<I", FATBIN_MAGIC))
-    header, size = struct.unpack_from("<HQ", blob, start + 6)
     found = []
-    for entry in fatbin_entries(blob[start:start + header + size]):
+    for entry in fatbin_entries(library_fatbin(library)):
         data = entry["data"]
         if entry["kind"] == "cubin":
             flags = struct.unpack_from("<I", data, 48)[0]

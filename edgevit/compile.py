@@ -169,13 +169,10 @@ def compile_model(ckpt: Checkpoint, target: Target, out_dir: str | Path, sparsit
         compile_seconds = time.perf_counter() - start
         inputs, source = validation_inputs(ckpt, shape, cfg.images, log)
         reference = save_references(torch_reference(model), inputs, cfg.batch, tmp)
-        against = f" against the {ckpt.scheme} PyTorch model" if ckpt.quantization else ""
-        if encoding == "fp16":
-            validation = _validate_on_host(mod, weights, torch_reference(model), inputs, source, cfg, log,
-                                           " against the fp32 PyTorch model")
-        else:
-            validation = _validate(tmp, target, torch_reference(model), inputs, source, cfg, log,
-                                   cfg.tolerance(encoding), against)
+        against = f" against the {ckpt.scheme} PyTorch model" if ckpt.quantization else \
+            " against the fp32 PyTorch model" if encoding == "fp16" else ""
+        validation = _check_artifact(tmp, target, mod, weights, torch_reference(model), inputs, source, cfg, log,
+                                     encoding, against)
         if ckpt.quantization and "skipped" not in validation:
             validation["fp32_model"] = _fp32_agreement(_session(tmp, cfg).run, ckpt, model, inputs, source, cfg, log)
         manifest = _manifest(ckpt, target, model, sparsity, cfg, reference, source, compile_seconds, tmp, encoding)
@@ -212,11 +209,8 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
         compile_seconds = time.perf_counter() - start
         inputs, source = _onnx_validation_inputs(shape, cfg.images, data, mean, std, log)
         ref_out = save_references(reference, inputs, cfg.batch, tmp)
-        if encoding == "fp16":
-            validation = _validate_on_host(mod, weights, reference, inputs, source, cfg, log, " against ONNX Runtime")
-        else:
-            validation = _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding),
-                                   " against ONNX Runtime")
+        validation = _check_artifact(tmp, target, mod, weights, reference, inputs, source, cfg, log, encoding,
+                                     " against ONNX Runtime")
         manifest = Manifest(
             target=_target_record(target),
             model={"name": onnx_model.name, "config": {"onnx": str(onnx_model.path)}, "stage": "onnx"},
@@ -323,21 +317,28 @@ def check_precision(cfg: CompileConfig, target: Target, encoding: str) -> str:
     return cfg.precision
 
 
+def _check_artifact(tmp: Path, target: Target, mod, weights, reference: Reference, inputs, source,
+                    cfg: CompileConfig, log: Log, encoding: str, against: str) -> dict:
+    """The artifact in `tmp` against `reference`: run here where it can run; a reduced-precision
+    GPU artifact through the same graph (`mod`, `weights`) compiled for this CPU."""
+    if encoding == "fp16":
+        return _validate_on_host(mod, weights, reference, inputs, source, cfg, log, against)
+    return _validate(tmp, target, reference, inputs, source, cfg, log, cfg.tolerance(encoding), against)
+
+
 def _validate_on_host(mod, weights, reference: Reference, inputs, source, cfg: CompileConfig, log: Log,
                       against: str) -> dict:
     """A GPU artifact cannot run here: the same reduced-precision graph is compiled for this
     machine's CPU and checked against `reference` instead (the tolerance is the artifact's)."""
     import tempfile
 
-    from edgevit.backend.build import build, export_library, save_weights
     from edgevit.targets import load_target
 
     if not cfg.validate:
         return {"skipped": "disabled (--no-validate)"}
     host = load_target("host")
     with tempfile.TemporaryDirectory(prefix="edgevit-host-") as folder:
-        export_library(build(mod, host), host, Path(folder) / LIBRARY)
-        save_weights(weights, Path(folder) / WEIGHTS)
+        _write_library(Path(folder), mod, weights, host, cfg, lambda _: None)
         try:
             result = _validate(Path(folder), host, reference, inputs, source, cfg, log, cfg.tolerance(cfg.precision),
                                f"{against} (the {cfg.precision} graph compiled for this CPU)", noise_agreement=False)

@@ -18,6 +18,12 @@ from typing import Any, Callable, Iterator
 from edgevit.errors import EdgeVitError, OutputError
 
 
+def cache_home() -> Path:
+    """Where edgevit keeps what it downloads and builds once (the emulated board, the CUDA
+    compilers): EDGEVIT_HOME, by default ~/.cache/edgevit."""
+    return Path(os.environ.get("EDGEVIT_HOME", Path.home() / ".cache" / "edgevit"))
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""

@@ -69,6 +69,19 @@ def folder_dir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(scope="session")
+def swin_micro_digits(tmp_path_factory):
+    """swin_micro trained briefly on digits at 32x32 (16 windows in stage 1), shared by the
+    compile tests of every target kind."""
+    from edgevit.data import load_data
+    from edgevit.models import create_model
+    from edgevit.train import TrainConfig, train
+
+    model = create_model("swin_micro", img_size=32)
+    return train(model, load_data("digits", 32), TrainConfig(epochs=2, batch_size=64, lr=3e-3),
+                 tmp_path_factory.mktemp("swin_micro_digits"), show_progress=False)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -13,23 +13,16 @@ from edgevit.artifact import CompiledArtifact
 from edgevit.backend.runtime import DeviceError
 from edgevit.cli import cli
 from edgevit.compile import CompileConfig, compile_model
-from edgevit.data import load_data
 from edgevit.errors import EdgeVitError, ValidationError
-from edgevit.models import create_model
 from edgevit.sparsity import SparsityConfig
 from edgevit.targets import load_target
-from edgevit.train import TrainConfig, train
 
 pytestmark = pytest.mark.tvm
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """swin_micro trained briefly on digits at 32x32 (16 windows in stage 1)."""
-    data = load_data("digits", 32)
-    model = create_model("swin_micro", img_size=32)
-    return train(model, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3), tmp_path_factory.mktemp("ckpt"),
-                 show_progress=False)
+def ckpt(swin_micro_digits):
+    return swin_micro_digits
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,9 @@ from click.testing import CliRunner
 from edgevit.backend import cuda
 from edgevit.cli import cli
 from edgevit.compile import CompileConfig, compile_model
-from edgevit.data import load_data
 from edgevit.errors import ConfigError, EdgeVitError
 from edgevit.models import create_model
 from edgevit.targets import load_target
-from edgevit.train import TrainConfig, train
 
 pytestmark = pytest.mark.tvm
 
@@ -31,11 +29,8 @@ EM_CUDA = 190
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    data = load_data("digits", 32)
-    model = create_model("swin_micro", img_size=32)
-    return train(model, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3), tmp_path_factory.mktemp("ckpt"),
-                 show_progress=False)
+def ckpt(swin_micro_digits):
+    return swin_micro_digits
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +44,6 @@ def artifacts(ckpt, tmp_path_factory):
     return built
 
 
-def library_fatbin(path) -> bytes:
-    """The fatbin inside a compiled library, found by its magic number and sized by its header."""
-    blob = path.read_bytes()
-    start = blob.find(struct.pack("<I", cuda.FATBIN_MAGIC))
-    assert start >= 0, "no fatbin in the library"
-    assert blob.find(struct.pack("<I", cuda.FATBIN_MAGIC), start + 1) == -1, "more than one fatbin"
-    header, size = struct.unpack_from("<HQ", blob, start + 6)
-    return blob[start:start + header + size]
-
-
 @pytest.mark.parametrize("name", ["jetson-orin", "jetson-xavier"])
 def test_artifact_carries_a_cubin_for_its_arch_built_by_its_cuda_version(artifacts, name):
     target = load_target(name)
@@ -67,7 +52,7 @@ def test_artifact_carries_a_cubin_for_its_arch_built_by_its_cuda_version(artifac
     sm = cuda.arch_number(target.tvm["arch"])
     assert record["cuda_major"] == target.cuda and record["cuda_version"].startswith(f"{target.cuda}.")
     assert record["architectures"] == [f"sm_{sm}"] and record["format"] == "fatbin"
-    fatbin = library_fatbin(art.library)
+    fatbin = cuda.library_fatbin(art.library)
     assert hashlib.sha256(fatbin).hexdigest() == record["fatbin_sha256"]
     entries = cuda.fatbin_entries(fatbin)
     assert sorted((e["kind"], e["arch"]) for e in entries) == [("cubin", f"sm_{sm}"), ("ptx", f"sm_{sm}")]

@@ -81,7 +81,9 @@ def arch_number(arch: str) -> int:
 
 
 def home() -> Path:
-    return Path(os.environ.get("EDGEVIT_HOME", Path.home() / ".cache" / "edgevit")) / "cuda"
+    from edgevit.fileio import cache_home
+
+    return cache_home() / "cuda"
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,17 @@ def fatbin_entries(blob: bytes) -> list[dict]:
                         "data": blob[offset + entry_header: offset + entry_header + payload]})
         offset += entry_header + payload
     return entries
+
+
+def library_fatbin(path: Path) -> bytes:
+    """The one fatbin inside a compiled library, found by its magic number and sized by its header."""
+    blob = Path(path).read_bytes()
+    magic = struct.pack("<I", FATBIN_MAGIC)
+    start = blob.find(magic)
+    if start < 0 or blob.find(magic, start + 1) != -1:
+        raise ValueError(f"{path}: expected one fatbin, found {0 if start < 0 else 'several'}")
+    header, size = struct.unpack_from("<HQ", blob, start + 6)
+    return blob[start:start + header + size]
 
 
 # ---------------------------------------------------------------------------- the library

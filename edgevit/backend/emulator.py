@@ -49,7 +49,9 @@ class Emulator:
 
     @classmethod
     def default(cls, **kw) -> "Emulator":
-        home = Path(os.environ.get("EDGEVIT_HOME", Path.home() / ".cache" / "edgevit")) / "arm64-emulator"
+        from edgevit.fileio import cache_home
+
+        home = cache_home() / "arm64-emulator"
         return cls(home=home, **kw)
 
     @property
