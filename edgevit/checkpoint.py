@@ -72,10 +72,12 @@ class Checkpoint:
             h.update(self.state_dict[name].detach().contiguous().cpu().numpy().tobytes())
         if self.quantization is not None:
             h.update(self.scheme.encode())
+            codebook = self.scheme != "int8"
             for name, layer in sorted(self.quantization["layers"].items()):
                 h.update(name.encode())
-                h.update(json.dumps([layer["input_scale"], layer["input_zero_point"]]).encode())
-                for key in ("qweight", "weight_scale"):
+                if not codebook:
+                    h.update(json.dumps([layer["input_scale"], layer["input_zero_point"]]).encode())
+                for key in ("codes", "codebook") if codebook else ("qweight", "weight_scale"):
                     h.update(layer[key].contiguous().numpy().tobytes())
         return h.hexdigest()
 
@@ -89,16 +91,17 @@ class Checkpoint:
 
     def build_model(self, quantized: bool = True) -> torch.nn.Module:
         """Create the registered model from the stored config and load the weights; a quantized
-        checkpoint's model computes as its int8 artifact does (quantized=False: the fp32 model)."""
+        checkpoint's model computes as its artifact does (int8 arithmetic, or codebook-decoded weights;
+        quantized=False: the fp32 model it was quantized from, where the checkpoint keeps it)."""
         from edgevit.models import create_model
 
         model = create_model(self.model_name, **self.model_config)
         load_weights(model, self.state_dict, where=f"checkpoint of {self.model_name}")
         if self.quantization is not None and quantized:
-            from edgevit.quantization import LayerQuant, apply_quantization
+            from edgevit.quantization import apply_quantization, layer_record
 
             try:
-                layers = {n: LayerQuant.from_dict(d) for n, d in self.quantization["layers"].items()}
+                layers = {n: layer_record(self.scheme, d) for n, d in self.quantization["layers"].items()}
                 apply_quantization(model, layers)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
                 raise CheckpointError(f"checkpoint of {self.model_name}: damaged quantization record ({e}); "
@@ -178,6 +181,11 @@ def quantization_problem(q: Any) -> str | None:
     if not isinstance(q, dict) or not isinstance(q.get("scheme"), str) or not isinstance(q.get("layers"), dict) \
             or not q["layers"]:
         return "expected a scheme and a non-empty table of layers"
+    if q["scheme"] in ("kmeans", "pq"):
+        from edgevit.codebooks import record_problem
+
+        return next((p for p in (record_problem(name, layer) if isinstance(layer, dict) else f"layer '{name}': "
+                                 "not a table" for name, layer in q["layers"].items()) if p), None)
     for name, layer in q["layers"].items():
         w, s = (layer.get(k) if isinstance(layer, dict) else None for k in ("qweight", "weight_scale"))
         if not (isinstance(w, torch.Tensor) and w.dtype == torch.int8 and w.ndim >= 2 and isinstance(s, torch.Tensor)

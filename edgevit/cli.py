@@ -295,7 +295,19 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
               help="Quantize this fp32 ONNX model instead: -o names the QDQ ONNX file to write (needs --data).")
 @click.option("--model", "model_name", default=None, help="Model name, for a plain state dict.")
 @click.option("--data", "spec", default=None, help="Calibration and evaluation data; defaults to the checkpoint's own.")
-@click.option("--scheme", default="int8", show_default=True, type=click.Choice(["int8"]))
+@click.option("--scheme", default="int8", show_default=True, type=click.Choice(["int8", "kmeans", "pq"]),
+              help="int8 (calibrated W8A8), kmeans (shared-value codebooks) or pq (product quantization).")
+@click.option("--bits", type=click.IntRange(2, 8), default=None, help="kmeans: bits per weight (default 4).")
+@click.option("--groups", type=_count(), default=None, help="kmeans: codebooks per layer, over groups of output "
+              "channels (default 1).")
+@click.option("--subvector", type=click.IntRange(4, 16), default=None, help="pq: inputs per sub-vector D (default 8).")
+@click.option("--centroids", type=click.IntRange(2, 256), default=None, help="pq: centroids per codebook (default 256).")
+@click.option("--activation-aware", is_flag=True, default=None, help="kmeans/pq: weight the clustering error by "
+              "the calibration inputs' mean square.")
+@click.option("--finetune", type=click.FloatRange(0, min_open=False), default=None, metavar="EPOCHS",
+              help="kmeans/pq: train the centroids (codes fixed) for EPOCHS of the training split (default 0).")
+@click.option("--finetune-lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="kmeans/pq: fine-tuning learning rate (default 1e-4).")
 @click.option("--calib-images", type=_count(), default=None, help="Training images to calibrate on (default 512).")
 @click.option("--method", default=None, type=click.Choice(["mse", "percentile", "minmax"]),
               help="Activation range fit (default mse).")
@@ -312,15 +324,22 @@ def adapt_cmd(ckpt_path, spec, epochs, lr, batch_size, out_dir, resume, json_pat
 @click.option("-o", "--out", "out_dir", default=None, type=click.Path(),
               help="Folder to write (model.pt, quantization.json); with --onnx, the .onnx file.")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
-def quantize_cmd(ckpt_path, onnx_path, model_name, spec, scheme, calib_images, method, percentile, keep_fp32,
-                 no_equalize, sparsity, list_layers, input_shape, mean, std, out_dir, json_path) -> None:
-    """Quantize a checkpoint (or an ONNX model) to int8 (calibrated), reporting top-1 before and after."""
+def quantize_cmd(ckpt_path, onnx_path, model_name, spec, scheme, bits, groups, subvector, centroids, activation_aware,
+                 finetune, finetune_lr, calib_images, method, percentile, keep_fp32, no_equalize, sparsity, list_layers,
+                 input_shape, mean, std, out_dir, json_path) -> None:
+    """Quantize a checkpoint to int8 (calibrated), k-means codebooks or product quantization (or an
+    ONNX model to int8), reporting top-1 before and after."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.data import check_model_fits
     from edgevit.quantization import quantizable_layers
     from edgevit.quantize import QuantizeConfig, quantize
 
+    codebook = dict(bits=bits, groups=groups, subvector=subvector, centroids=centroids,
+                    activation_aware=activation_aware, finetune=finetune, finetune_lr=finetune_lr)
+    _check_scheme_options(scheme, codebook, method=method, percentile=percentile, no_equalize=no_equalize or None)
     if onnx_path is not None:
+        if scheme != "int8":
+            raise ConfigError(f"quantize --onnx writes int8 QDQ files; --scheme {scheme} takes a --checkpoint")
         return _quantize_onnx(onnx_path, spec, out_dir, input_shape, mean, std, list_layers, json_path,
                               clashes={"--checkpoint": ckpt_path, "--model": model_name, "--sparsity": sparsity,
                                        "--no-equalize": no_equalize or None},
@@ -339,19 +358,36 @@ def quantize_cmd(ckpt_path, onnx_path, model_name, spec, scheme, calib_images, m
     if out_dir is None:
         raise ConfigError("quantize: pass -o/--out DIR, the folder to write")
     cfg = _config(QuantizeConfig, "quantize", scheme=scheme, calib_images=calib_images, method=method,
-                  percentile=percentile, keep_fp32=keep_fp32 or None, equalize=False if no_equalize else None)
+                  percentile=percentile, keep_fp32=keep_fp32 or None, equalize=False if no_equalize else None,
+                  **codebook)
     data = _checkpoint_data(ckpt, spec, ckpt_path)
     check_model_fits(model.cfg, data)
     _json_outside(json_path, out_dir)
     result = quantize(ckpt, data, out_dir, _sparsity_from(model, sparsity), cfg, log=click.echo)
     r = result.record
-    worst = sorted(r["layers"].items(), key=lambda kv: kv[1]["sqnr_db"])[:3]
-    click.echo("lowest SQNR: " + ", ".join(f"{n} {v['sqnr_db']:.1f} dB" for n, v in worst))
+    key = "sqnr_db" if scheme == "int8" else "weight_sqnr_db"
+    worst = sorted(r["layers"].items(), key=lambda kv: kv[1][key])[:3]
+    click.echo(f"lowest {'' if scheme == 'int8' else 'weight '}SQNR: " + ", ".join(f"{n} {v[key]:.1f} dB" for n, v in worst))
     b = r["weight_bytes"]
-    click.echo(f"quantized {len(r['layers'])} layers ({b['fp32'] / max(b[scheme], 1):.2f}x fewer weight bytes) "
+    whole = r.get("model_bytes")
+    overall = f"; the whole model {whole['fp32'] / max(whole[scheme], 1):.2f}x" if whole else ""
+    click.echo(f"quantized {len(r['layers'])} layers ({b['fp32'] / max(b[scheme], 1):.2f}x fewer weight bytes{overall}) "
                f"-> {Path(out_dir) / 'model.pt'} (compile it like any checkpoint)")
-    _write_json(json_path, {"out": str(out_dir), "top1": r["top1"], "weight_bytes": b,
-                            "layers": {n: v["sqnr_db"] for n, v in r["layers"].items()}})
+    _write_json(json_path, {"out": str(out_dir), "top1": r["top1"], "weight_bytes": b, "model_bytes": whole,
+                            "layers": {n: v[key] for n, v in r["layers"].items()}})
+
+
+def _check_scheme_options(scheme: str, codebook: dict, **int8_only) -> None:
+    """Options of another scheme are an error, not silently ignored."""
+    own = {"kmeans": ("bits", "groups", "activation_aware", "finetune", "finetune_lr"),
+           "pq": ("subvector", "centroids", "activation_aware", "finetune", "finetune_lr"), "int8": ()}[scheme]
+    foreign = [k for k, v in codebook.items() if v is not None and k not in own]
+    if scheme != "int8":
+        foreign += [k for k, v in int8_only.items() if v is not None]
+    if foreign:
+        flags = ", ".join("--" + k.replace("_", "-") for k in foreign)
+        raise ConfigError(f"quantize: {flags} do(es) not apply to --scheme {scheme}; drop them or pick the scheme "
+                          "they belong to")
 
 
 def _quantize_onnx(path, spec, out, input_shape, mean, std, list_layers, json_path, clashes: dict, settings: dict):

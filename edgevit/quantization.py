@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "kmeans", "pq")   # k-means codebooks and product quantization: codebooks.py
 METHODS = ("mse", "percentile", "minmax")
 SAMPLES_PER_LAYER = 1 << 18       # activation values kept per layer for range fitting
 MSE_SAMPLES = 1 << 15             # of which the MSE range search scores this many
@@ -122,6 +122,15 @@ class LayerQuant:
         return (self.weight_scale.double() * self.input_scale).float()
 
 
+def layer_record(scheme: str, d: dict):
+    """One layer of a checkpoint's quantization record: LayerQuant (int8) or LayerCodebook."""
+    if scheme == "int8":
+        return LayerQuant.from_dict(d)
+    from edgevit.codebooks import LayerCodebook
+
+    return LayerCodebook.from_dict(d)
+
+
 class _Quantized(nn.Module):
     """Shared by the linear and the patch conv: the fp32 layer it wraps keeps its parameters (and
     state-dict keys); `float_view` runs it in fp32."""
@@ -161,6 +170,23 @@ class QuantPatchConv(_Quantized):
         return y if self.bias is None else y + self.bias[None, :, None, None]
 
 
+class CodebookLinear(_Quantized):
+    """A linear whose weight is its codebook's decode (codebooks.py): it computes in fp32 with that
+    weight, which is what the compiled kernel decodes tile by tile."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class CodebookPatchConv(_Quantized):
+    def __init__(self, layer: nn.Conv2d, quant):
+        super().__init__(layer, quant)
+        self.stride = layer.stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, stride=self.stride)
+
+
 def is_patch_conv(m: nn.Module) -> bool:
     return (isinstance(m, nn.Conv2d) and tuple(m.stride) == tuple(m.kernel_size) and m.groups == 1
             and all(p == 0 for p in m.padding) and all(d == 1 for d in m.dilation))
@@ -187,7 +213,13 @@ def apply_quantization(model: nn.Module, layers: dict[str, LayerQuant]) -> nn.Mo
         if name not in modules:
             raise KeyError(name)
         layer = modules[name]
-        twin = QuantLinear(layer, quant) if isinstance(layer, nn.Linear) else QuantPatchConv(layer, quant)
+        linear = isinstance(layer, nn.Linear)
+        if isinstance(quant, LayerQuant):
+            twin = QuantLinear(layer, quant) if linear else QuantPatchConv(layer, quant)
+        else:       # a codebook layer (codebooks.LayerCodebook): its weight already holds the decode
+            with torch.no_grad():
+                layer.weight.copy_(quant.decode())
+            twin = CodebookLinear(layer, quant) if linear else CodebookPatchConv(layer, quant)
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, twin)
     return model

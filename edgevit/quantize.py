@@ -44,10 +44,28 @@ class QuantizeConfig:
     eval_images: int = 0              # top-1 before/after on the first N images of val and test (0: all of them)
     batch: int = 64
     seed: int = 0
+    # codebook schemes (codebooks.py)
+    bits: int = 4                     # kmeans: 2^bits shared values per layer (or per group)
+    groups: int = 1                   # kmeans: codebooks per layer, over equal groups of output channels
+    subvector: int = 8                # pq: inputs per sub-vector (D)
+    centroids: int = 256              # pq: centroids per layer's codebook (K)
+    activation_aware: bool = False    # weight the k-means error by the calibration inputs' mean square
+    finetune: float = 0.0             # epochs (of the training split) training the centroids, codes fixed
+    finetune_lr: float = 1e-4
 
     def __post_init__(self):
+        from edgevit.codebooks import KMEANS_BITS, PQ_MAX_CENTROIDS, PQ_SUBVECTOR
+
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme '{self.scheme}' is not one of {', '.join(SCHEMES)}")
+        if not KMEANS_BITS[0] <= self.bits <= KMEANS_BITS[1]:
+            raise ValueError(f"bits {self.bits} must be in {KMEANS_BITS[0]}..{KMEANS_BITS[1]}")
+        if not PQ_SUBVECTOR[0] <= self.subvector <= PQ_SUBVECTOR[1]:
+            raise ValueError(f"subvector {self.subvector} must be in {PQ_SUBVECTOR[0]}..{PQ_SUBVECTOR[1]}")
+        if not 2 <= self.centroids <= PQ_MAX_CENTROIDS:
+            raise ValueError(f"centroids {self.centroids} must be in 2..{PQ_MAX_CENTROIDS} (one-byte codes)")
+        if self.groups < 1 or self.finetune < 0 or self.finetune_lr <= 0:
+            raise ValueError("groups must be >= 1, finetune >= 0 epochs and finetune_lr > 0")
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
         if self.calib_images < 1 or self.batch < 1 or self.eval_images < 0:
@@ -97,6 +115,8 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
     from edgevit.fileio import check_replaceable
 
     check_replaceable(Path(out_dir), is_quantized_folder, "a quantized model")   # before minutes of work
+    if cfg.scheme != "int8":
+        return _quantize_codebooks(ckpt, data, out_dir, sparsity, cfg, log)
     model = _prepared(ckpt, sparsity)
     layers = quantizable_layers(model, cfg.keep_fp32)
     _check_keep_patterns(model, cfg.keep_fp32)
@@ -131,6 +151,142 @@ def quantize(ckpt: Checkpoint, data, out_dir: str | Path, sparsity: SparsityConf
         out.save(tmp / FINAL)
         write_json(tmp / RECORD, record)
     return QuantizedModel.load(out_dir)
+
+
+def _quantize_codebooks(ckpt: Checkpoint, data, out_dir, sparsity: SparsityConfig | None, cfg: QuantizeConfig,
+                       log: Log) -> QuantizedModel:
+    """k-means or PQ codebooks for every layer the kernels can take (the rest stay fp32, said so),
+    optionally activation-aware and fine-tuned; top-1 of the fp32, the fitted and the fine-tuned
+    model on val and test."""
+    from edgevit.codebooks import codebook_layers, fit_kmeans, fit_pq, reconstruction_sqnr
+    from edgevit.quantization import apply_quantization, quantizable_layers
+
+    model = _prepared(ckpt, sparsity)
+    _check_keep_patterns(model, cfg.keep_fp32)
+    layers, skipped = codebook_layers(quantizable_layers(model, cfg.keep_fp32), cfg.scheme, cfg.subvector)
+    if not layers:
+        raise ConfigError(f"no layer can take {cfg.scheme} codebooks ({'; '.join(skipped.values())[:200]}); "
+                          "keep fewer layers in fp32" + (", or pick a --subvector that divides the inputs"
+                                                         if cfg.scheme == "pq" else ""))
+    for name, why in skipped.items():
+        log(f"quantize: {name} stays fp32 ({why})")
+    calib = calibration_images(data, ckpt, cfg) if cfg.activation_aware else None
+    energy = _input_energy(model, layers, calib, cfg.batch) if calib is not None else {}
+    fitted = {}
+    for name, layer in _progress(layers.items(), "fit codebooks", "layer"):
+        if cfg.scheme == "pq":
+            fitted[name] = fit_pq(layer.weight, cfg.subvector, cfg.centroids, energy.get(name), cfg.seed)
+        else:
+            fitted[name] = fit_kmeans(layer.weight, cfg.bits, cfg.groups, energy.get(name), cfg.seed)
+    sqnr = {n: round(reconstruction_sqnr(layers[n].weight, q), 2) for n, q in fitted.items()}
+    what = f"{cfg.bits}-bit k-means" if cfg.scheme == "kmeans" else f"PQ D={cfg.subvector} K={cfg.centroids}"
+    log(f"quantize: {len(fitted)} layers {what}{' (activation-aware)' if calib is not None else ''}; lowest weight "
+        f"SQNR {min(sqnr.values()):.1f} dB ({min(sqnr, key=sqnr.get)})")
+    fp32_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    splits = {split: _first(data.split(split), cfg.eval_images) for split in ("val", "test")}
+    norm = _norm(ckpt, data)
+    top1 = {s: {"fp32": _top1(model, images, norm)} for s, images in splits.items()}
+    apply_quantization(model, fitted)
+    for s, images in splits.items():
+        top1[s][cfg.scheme] = _top1(model, images, norm)
+    if cfg.finetune:
+        fitted = _finetune(model, fitted, data, ckpt, cfg, log)
+        for s, images in splits.items():
+            top1[s]["before_finetune"] = top1[s][cfg.scheme]
+            top1[s][cfg.scheme] = _top1(model, images, norm)
+    out = Checkpoint(model_name=ckpt.model_name, model_config=ckpt.model_config, state_dict=fp32_state,
+                     data=ckpt.data, stage="quantize",
+                     config={**asdict(cfg), "source": ckpt.digest(), "sparsity": sparsity.to_dict() if sparsity else None},
+                     metrics={s: {"top1": top1[s][cfg.scheme]} for s in top1},
+                     quantization={"scheme": cfg.scheme, "layers": {n: q.to_dict() for n, q in fitted.items()}})
+    for split, row in top1.items():
+        tuned = f" (before fine-tuning {row['before_finetune']:.2f}%)" if "before_finetune" in row else ""
+        log(f"quantize: {split} top-1 fp32 {row['fp32']:.2f}% -> {cfg.scheme} {row[cfg.scheme]:.2f}% "
+            f"({row[cfg.scheme] - row['fp32']:+.2f}){tuned}")
+    record = _codebook_record(cfg, ckpt, out, model, fitted, sqnr, top1, sparsity, skipped, calib)
+    with publish_dir(out_dir, is_quantized_folder, "a quantized model") as tmp:
+        out.save(tmp / FINAL)
+        write_json(tmp / RECORD, record)
+    return QuantizedModel.load(out_dir)
+
+
+def _top1(model, images, norm) -> float:
+    from edgevit.train import evaluate
+
+    return evaluate(model, images, *norm)["top1"]
+
+
+def _progress(items, desc: str, unit: str):
+    from tqdm import tqdm
+
+    items = list(items)
+    return tqdm(items, total=len(items), desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
+def _finetune(model, fitted: dict, data, ckpt: Checkpoint, cfg: QuantizeConfig, log: Log) -> dict:
+    """cfg.finetune epochs of centroid training (codes fixed) on the training split."""
+    from itertools import chain
+
+    from edgevit.codebooks import finetune_codebooks
+    from edgevit.data import batches
+    from edgevit.train import progress_bar
+
+    per_epoch = -(-len(data.train) // cfg.batch)
+    steps = max(1, round(cfg.finetune * per_epoch))
+    epochs = -(-steps // per_epoch)
+    stream = chain.from_iterable(batches(data.train, *_norm(ckpt, data), cfg.batch, shuffle=True, seed=cfg.seed,
+                                         epoch=e) for e in range(epochs))
+    log(f"quantize: fine-tuning the centroids for {cfg.finetune:g} epoch(s) ({steps} steps of {cfg.batch}, "
+        f"lr {cfg.finetune_lr:g}), codes fixed")
+    with progress_bar(steps * cfg.batch, "fine-tune", True) as bar:
+        tuned = finetune_codebooks(model, fitted, stream, steps, cfg.finetune_lr, bar)
+    from edgevit.quantization import quantized_layers
+
+    for name, m in quantized_layers(model).items():     # the twins carry the trained codebooks
+        m.quant = tuned[name]
+    return tuned
+
+
+@torch.no_grad()
+def _input_energy(model, layers: dict, images: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Each layer's mean square input per input column [K] (a patch conv's per unfolded column)."""
+    import torch.nn.functional as F
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, layer in layers.items():
+        def hook(m, inp, _out, name=name):
+            x = inp[0].detach()
+            if isinstance(m, torch.nn.Conv2d):                                  # (B, C, H, W) -> (B*L, C*kh*kw)
+                x = F.unfold(x, m.kernel_size, stride=m.stride).transpose(1, 2)
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + len(x)
+        hooks.append(layer.register_forward_hook(hook))
+    try:
+        _run(model, images, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: (sums[n] / counts[n]).float() for n in sums}
+
+
+def _codebook_record(cfg, ckpt, out: Checkpoint, model, fitted: dict, sqnr, top1, sparsity, skipped, calib) -> dict:
+    fp32_bytes = sum(int(np.prod(q.shape)) * 4 for q in fitted.values())
+    coded_bytes = sum(q.artifact_bytes() for q in fitted.values())
+    total_fp32 = sum(v.numel() * 4 for v in out.state_dict.values() if v.is_floating_point())
+    layers = {n: {"shape": list(q.shape), "centroids": q.centroids, "bits": q.bits, "subvector": q.subvector,
+                  "weight_sqnr_db": sqnr[n], "bytes": q.artifact_bytes()} for n, q in fitted.items()}
+    return {"kind": KIND, "version": 1, "scheme": cfg.scheme, "config": asdict(cfg),
+            "model": ckpt.model_name, "source_checkpoint": ckpt.digest(), "checkpoint": out.digest(),
+            "sparsity": sparsity.to_dict() if sparsity else None,
+            "calibration": {"images": 0 if calib is None else len(calib), "split": "train",
+                            "data": ckpt.data.get("spec"), "activation_aware": calib is not None},
+            "top1": top1, "layers": layers, "fp32_layers": skipped,
+            # the coded layers' bytes, and the whole model's (every other tensor kept fp32)
+            "weight_bytes": {"fp32": fp32_bytes, cfg.scheme: coded_bytes},
+            "model_bytes": {"fp32": total_fp32, cfg.scheme: total_fp32 - fp32_bytes + coded_bytes}}
 
 
 def _prepared(ckpt: Checkpoint, sparsity: SparsityConfig | None) -> torch.nn.Module:

@@ -91,18 +91,7 @@ def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool 
     (TVM 0.27's own int8 tensor-core matmul schedule fails to build: TVM_QUANT.md.)"""
     from tvm import relax
 
-    by_value: dict[str, tuple[str, object]] = {}
-    for name, (weight, quant) in layers.items():
-        key = _digest(_as_matrix(weight))
-        if key in by_value and by_value[key][1] is not quant:
-            raise EdgeVitError(f"int8: layers {by_value[key][0]} and {name} have identical weights, so the compiled "
-                               "graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
-        by_value[key] = (name, quant)
-    layers = [by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None for w in weights]
-    missing = sorted(set(n for n, _ in by_value.values()) - {hit[0] for hit in layers if hit})
-    if missing:
-        raise EdgeVitError(f"int8: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
-                           "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
+    layers = match_weights(weights, layers, "int8")
     shift = SIGNED_SHIFT if signed_activations else 0
     arrays = [_int8_arrays(hit[1], shift, panels) if hit else [np.asarray(w, order="C")]
               for w, hit in zip(weights, layers)]
@@ -113,6 +102,25 @@ def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool 
     for gv, func in rewritten.items():
         out[gv] = func
     return out, [a for per_weight in arrays for a in per_weight]
+
+
+def match_weights(weights: list[np.ndarray], layers: dict, encoding: str) -> list[tuple[str, object] | None]:
+    """Per graph weight ([K, N] after the weight transforms), the (name, record) of the quantized
+    layer it is, or None. Layers are found by their weight's value (the importer renames
+    parameters; the values pass through unchanged); every layer must be found."""
+    by_value: dict[str, tuple[str, object]] = {}
+    for name, (weight, quant) in layers.items():
+        key = _digest(_as_matrix(weight))
+        if key in by_value and by_value[key][1] is not quant:
+            raise EdgeVitError(f"{encoding}: layers {by_value[key][0]} and {name} have identical weights, so the "
+                               "compiled graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
+        by_value[key] = (name, quant)
+    hits = [by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None for w in weights]
+    missing = sorted(set(n for n, _ in by_value.values()) - {hit[0] for hit in hits if hit})
+    if missing:
+        raise EdgeVitError(f"{encoding}: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
+                           "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
+    return hits
 
 
 def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int,
@@ -260,3 +268,6 @@ def _zero_pad(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
     out = np.zeros((-(-n // rows) * rows, -(-k // cols) * cols), w.dtype)
     out[:n, :k] = w
     return out
+
+
+from edgevit.backend import codebook_kernels  # noqa: E402,F401 - registers the kmeans and pq encodings

@@ -35,8 +35,9 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
 
 
 def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision: str = "fp32"):
-    """The fp32 graph with `layers` ({name: (fp32 weight, LayerQuant)}) as int8 matmuls laid out
-    for the target (none: fp32 as imported); precision "fp16": the fp16 encoding instead."""
+    """The fp32 graph with `layers` ({name: (fp32 weight, LayerQuant or LayerCodebook)}) as int8 or
+    codebook matmuls laid out for the target (none: fp32 as imported); precision "fp16": the fp16
+    encoding instead."""
     from edgevit.backend.encodings import get_encoding
     from edgevit.backend.int8_rules import has_sdot
 
@@ -46,7 +47,8 @@ def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision:
     gpu = target is not None and target.device == "cuda"
     # GPUs' int8 tensor cores and ARM's sdot multiply s8 by s8; x86's vpdpbusd takes u8 activations
     signed = gpu or (target is not None and has_sdot(target.tvm_target()))
-    return get_encoding("int8" if layers else "fp32")(mod, weights, layers, signed_activations=signed, panels=not gpu)
+    scheme = getattr(next(iter(layers.values()))[1], "scheme", "int8") if layers else "fp32"
+    return get_encoding(scheme)(mod, weights, layers, signed_activations=signed, panels=not gpu)
 
 
 def import_onnx(proto, input_name: str, shapes: dict[str, tuple[int, ...]]):

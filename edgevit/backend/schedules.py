@@ -38,14 +38,16 @@ def _tolerant(rule):
 def schedule_passes(target) -> list:
     from tvm.s_tir import dlight as dl
 
+    from edgevit.backend.codebook_rules import CodebookMatmul, CodebookMatmulGPU
     from edgevit.backend.int8_rules import PackedInt8Matmul, RowDotInt8Matmul
 
     if target.kind.name == "cuda":
-        rules = [RowDotInt8Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+        rules = [CodebookMatmulGPU(), RowDotInt8Matmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                 dl.gpu.GeneralReduction()]
         return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in rules], dl.gpu.Fallback())]
     from edgevit.backend.cpu_rules import cpu_rules
 
-    return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in [PackedInt8Matmul(), *cpu_rules()]])]
+    return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in [CodebookMatmul(), PackedInt8Matmul(), *cpu_rules()]])]
 
 
 def prepare_passes(target) -> list:

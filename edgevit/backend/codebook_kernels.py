@@ -1,0 +1,199 @@
+"""The kmeans and pq weight encodings: codes and codebooks carried compressed into the artifact and
+decoded inside the matmul kernel.
+
+Every matmul whose weight belongs to a codebook layer (codebooks.py) becomes one kernel
+
+    C[i, j] = sum_k A[i, k] * W(k, j),   W(k, j) = codebook lookup of the codes   (K x N, never stored)
+
+whose inputs are the packed codes and the codebook (function inputs, as the int8 weights are:
+bound as constants, FoldConstant would re-expand them to fp32, TVM_QUANT.md), so weights.params
+holds the codes and codebooks, not fp32 weights. The decode is a block of its own
+(`codebook_decode`) that the schedules place inside the matmul: on CPUs one tile of output
+columns is decoded into a small buffer and reused by every row tile (codebook_rules.py); on
+GPUs the codebook is staged in shared memory and each thread decodes the weights it multiplies.
+
+Layouts (output columns contiguous, so a tile of columns is one contiguous run of codes):
+- kmeans: codes [K, N / per] uint8, `per` codes of neighbouring output columns per byte (four
+  2-bit, two 4-bit (3- and 4-bit codebooks) or one 8-bit); codebook [G, C] float32, column j in
+  group j // (N / G);
+- pq: codes [K / D, N] uint8 (one byte per sub-vector), codebook [C, D] float32:
+  W(k, j) = codebook[codes[k // D, j], k % D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgevit.backend.encodings import match_weights, register_encoding
+from edgevit.errors import EdgeVitError
+
+DECODE_BLOCK = "codebook_decode"
+MATMUL_BLOCK = "codebook_matmul"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a codebook kernel is specialised to (besides its row count)."""
+
+    scheme: str
+    k: int
+    n: int
+    centroids: int
+    groups: int = 1         # kmeans
+    code_bits: int = 8      # kmeans: bits per stored code (2, 4, 8)
+    subvector: int = 1      # pq
+
+    @property
+    def per_byte(self) -> int:
+        return 8 // self.code_bits
+
+    @property
+    def codes_shape(self) -> tuple[int, int]:
+        return (self.k // self.subvector, self.n) if self.scheme == "pq" else (self.k, self.n // self.per_byte)
+
+    @property
+    def codebook_shape(self) -> tuple[int, int]:
+        return (self.centroids, self.subvector) if self.scheme == "pq" else (self.groups, self.centroids)
+
+
+def layout_of(q) -> Layout:
+    """The kernel layout of a codebooks.LayerCodebook."""
+    from edgevit.codebooks import storage_bits
+
+    n, k = q.shape[0], int(np.prod(q.shape[1:]))
+    if q.scheme == "pq":
+        return Layout("pq", k, n, q.centroids, subvector=q.subvector)
+    return Layout("kmeans", k, n, q.centroids, groups=int(q.codebook.shape[0]), code_bits=storage_bits(q.bits))
+
+
+def pack_codes(q, layout: Layout) -> np.ndarray:
+    """The layer's codes in the kernel's layout (uint8)."""
+    codes = q.codes.numpy().astype(np.uint8)                                             # (N, K) or (N, K/D)
+    if layout.scheme == "pq":
+        return np.ascontiguousarray(codes.T)                                             # (K/D, N)
+    per, bits = layout.per_byte, layout.code_bits
+    t = codes.T.reshape(layout.k, layout.n // per, per).astype(np.uint16)                # (K, N/per, per)
+    packed = sum(t[:, :, s] << (bits * s) for s in range(per))
+    return np.ascontiguousarray(packed.astype(np.uint8))                                 # (K, N/per)
+
+
+def unpack_codes(packed: np.ndarray, layout: Layout) -> np.ndarray:
+    """Inverse of pack_codes: codes [N, K] (kmeans) or [N, K/D] (pq)."""
+    if layout.scheme == "pq":
+        return np.ascontiguousarray(packed.T)
+    per, bits = layout.per_byte, layout.code_bits
+    parts = [(packed.astype(np.uint16) >> (bits * s)) & ((1 << bits) - 1) for s in range(per)]
+    return np.stack(parts, axis=-1).reshape(layout.k, layout.n).T.astype(np.uint8)
+
+
+def codebook_matmul(m: int, layout: Layout):
+    """TIR of C [M, N] = A [M, K] x W(codes, codebook), the decode as its own block."""
+    from tvm import te, tirx
+
+    def i64(*dims):   # Relax's legalized kernels use int64 shapes; FuseTIR needs them to match
+        return [tirx.IntImm("int64", d) for d in dims]
+
+    k, n = layout.k, layout.n
+    a = te.placeholder(i64(m, k), "float32", name="A")
+    codes = te.placeholder(i64(*layout.codes_shape), "uint8", name="codes")
+    book = te.placeholder(i64(*layout.codebook_shape), "float32", name="codebook")
+    if layout.scheme == "pq":
+        d = layout.subvector
+
+        def weight(r, j):
+            return book[codes[r // d, j].astype("int64"), r % d]
+    else:
+        per, bits, size = layout.per_byte, layout.code_bits, n // layout.groups
+
+        def weight(r, j):
+            byte = codes[r, j // per].astype("int32") if per > 1 else codes[r, j].astype("int32")
+            code = (byte >> ((j % per) * bits).astype("int32")) & ((1 << bits) - 1) if per > 1 else byte
+            group = j // size if layout.groups > 1 else tirx.IntImm("int64", 0)
+            return book[group, code.astype("int64")]
+
+    w = te.compute(i64(k, n), weight, name=DECODE_BLOCK)                                  # (K, N)
+    r = te.reduce_axis(i64(0, k), name="k")
+    c = te.compute(i64(m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name=MATMUL_BLOCK)
+    # out-elementwise-fusable: the bias / GELU / residual epilogue fuses into it
+    return te.create_prim_func([a, codes, book, c]).with_attr("op_pattern", 4)
+
+
+@register_encoding("kmeans")
+def kmeans(mod, weights: list[np.ndarray], layers: dict, **_options):
+    """k-means codebooks decoded inside the matmul kernels (the module's docstring)."""
+    return _encode(mod, weights, layers, "kmeans")
+
+
+@register_encoding("pq")
+def pq(mod, weights: list[np.ndarray], layers: dict, **_options):
+    """Product-quantized weights decoded inside the matmul kernels (the module's docstring)."""
+    return _encode(mod, weights, layers, "pq")
+
+
+def _encode(mod, weights: list[np.ndarray], layers: dict, scheme: str):
+    from tvm import relax
+
+    hits = match_weights(weights, layers, scheme)
+    arrays = []
+    for w, hit in zip(weights, hits):
+        if hit is None:
+            arrays.append([np.asarray(w, order="C")])
+            continue
+        layout = layout_of(hit[1])
+        if (layout.k, layout.n) != w.shape:
+            raise EdgeVitError(f"{scheme}: layer {hit[0]} is [{layout.k}, {layout.n}] in its record but "
+                               f"{list(w.shape)} in the graph; quantize the model again")
+        arrays.append([pack_codes(hit[1], layout), hit[1].codebook.numpy().astype(np.float32)])
+    builder, kernels = relax.BlockBuilder(mod), {}
+    rewritten = {gv: _rewrite_function(func, hits, arrays, builder, kernels, scheme)
+                 for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
+    out = builder.get()
+    for gv, func in rewritten.items():
+        out[gv] = func
+    return out, [a for per_weight in arrays for a in per_weight]
+
+
+def _rewrite_function(func, hits: list, arrays: list[list[np.ndarray]], builder, kernels: dict, scheme: str):
+    """One Relax function with its codebook layers' matmuls as codebook kernels (shared by shape
+    through `kernels`) and their weights replaced by (codes, codebook) inputs."""
+    from tvm import relax
+    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+    n_inputs = int(func.attrs["num_input"])
+    new_params, replaced = list(func.params[:n_inputs]), {}
+    for var, hit, per_weight in zip(func.params[n_inputs:], hits, arrays):
+        if hit is None:
+            new_params.append(var)
+            continue
+        cvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
+                 for suffix, a in zip(("codes", "codebook"), per_weight)]
+        replaced[var] = (layout_of(hit[1]), cvars)
+        new_params += cvars
+    x_pat, w_pat = wildcard(), wildcard()
+
+    def rewrite(call, matches):
+        w = matches[w_pat]
+        if w not in replaced:
+            return call
+        layout, (codes, book) = replaced[w]
+        op = relax.op
+        dims = [int(d) for d in call.args[0].ty.shape]
+        lead = dims[:-1]
+        rows = int(np.prod(lead))
+        key = (layout, rows)
+        if key not in kernels:
+            name = f"{MATMUL_BLOCK}_{scheme}_{len(kernels)}"
+            kernels[key] = builder.add_func(codebook_matmul(rows, layout).with_attr("global_symbol", name), name)
+        x = op.reshape(matches[x_pat], [rows, layout.k])                                   # (M, K)
+        y = relax.call_tir(kernels[key], relax.Tuple([x, codes, book]),
+                           relax.TensorType([rows, layout.n], "float32"))                  # (M, N)
+        return op.reshape(y, [*lead, layout.n])                                             # (..., N)
+
+    body = rewrite_call(is_op("relax.matmul")(x_pat, w_pat), rewrite, func).body
+    unrewritten = [v.name for v in relax.analysis.free_vars(body) if v in replaced]
+    if unrewritten:
+        raise EdgeVitError(f"{scheme}: weight(s) {', '.join(unrewritten[:3])} are used by something other than a "
+                           "matmul; re-quantize with that layer in `edgevit quantize --keep-fp32`, or report this model")
+    return relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
