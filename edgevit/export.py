@@ -68,6 +68,10 @@ def export_onnx(ckpt: Checkpoint, out: str | Path, sparsity: SparsityConfig | No
                               dynamo=True, external_data=False, opset_version=OPSET, verbose=False)
         proto = onnx.load(str(tmp))
         layers = {n: (m.weight.detach().numpy(), m.quant) for n, m in quantized_layers(model).items()}
+        if ckpt.scheme != "int8" and layers:   # ONNX has no codebook operator: the decoded weights, in fp32
+            log(f"the {ckpt.scheme} model's {len(layers)} codebook layers are written with their decoded fp32 "
+                "weights (ONNX has no codebook operator; `edgevit compile` keeps them compressed)")
+            layers = {}
         qdq = insert_qdq(proto, layers) if layers else 0
         if qdq < len(layers):
             log(f"{len(layers) - qdq} of {len(layers)} quantized layers stay fp32 in the file (patch-embedding "

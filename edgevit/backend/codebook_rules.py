@@ -13,6 +13,7 @@ it multiplies (one code load per k, shared by its rows) straight into registers.
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -63,27 +64,32 @@ class CodebookMatmul(dl.ScheduleRule):
             return None
         decode, main, epilogue = found
         loops = sch.get_loops(main)
-        if len(loops) != 3:
+        if len(loops) not in (2, 3):       # (rows, columns, depth); one row: (columns, depth)
             return None
-        m, n, k = (get_extent(sch, lp) for lp in loops)
+        extents = [get_extent(sch, lp) for lp in loops]
+        n, macs = extents[-2], int(np.prod(extents))
         lanes = fp32_lanes(target)
         cols = next((c for c in (2 * lanes, lanes, 8, 4) if n % c == 0), None)
         if cols is None:
             return None
         write_back = sch.cache_write(main, 0, "local")
         _inline_epilogue(sch, epilogue)
-        i, j, r = sch.get_loops(main)
+        *rows, j, r = sch.get_loops(main)
         jo, ji = sch.split(j, [None, cols])
-        io, ii = sch.split(i, [None, ROWS_PER_TILE])
-        sch.reorder(jo, io, r, ii, ji)
-        if m * n * k >= PARALLEL_MIN_MACS:
+        if rows:
+            io, ii = sch.split(rows[0], [None, ROWS_PER_TILE])
+            sch.reorder(jo, io, r, ii, ji)
+        else:
+            sch.reorder(jo, r, ji)
+        if macs >= PARALLEL_MIN_MACS:
             sch.parallel(jo)
         sch.compute_at(decode, jo)
         dj = sch.get_loops(decode)[-1]
         sch.vectorize(sch.split(dj, [None, min(cols, lanes)])[1])
-        sch.reverse_compute_at(write_back, io)
+        sch.reverse_compute_at(write_back, io if rows else jo)
         sch.vectorize(ji)
-        sch.unroll(ii)
+        if rows:
+            sch.unroll(ii)
         sch.decompose_reduction(main, r)
         _vectorize_copy(sch, write_back, lanes, parallel=False)
         return sch
@@ -103,17 +109,17 @@ class CodebookMatmulGPU(dl.ScheduleRule):
         if found is None:
             return None
         decode, main, epilogue = found
-        if len(sch.get_loops(main)) != 3:
+        if len(sch.get_loops(main)) not in (2, 3):
             return None
         sch.compute_inline(decode)
         book = next(i for i, region in enumerate(sch.get(main).reads) if "codebook" in region.source.name)
         acc = sch.cache_write(main, 0, "local")
         _inline_epilogue(sch, epilogue)
-        i, j, r = sch.get_loops(main)
+        *rows, j, r = sch.get_loops(main)
         n = get_extent(sch, j)
         threads = next(t for t in range(min(GPU_COLUMNS, n), 0, -1) if n % t == 0)
         jo, ji = sch.split(j, [None, threads])
-        io, ii = sch.split(i, [None, GPU_ROWS])
+        io, ii = sch.split(rows[0] if rows else sch.add_unit_loop(main), [None, GPU_ROWS])
         sch.reorder(io, jo, ji, r, ii)
         sch.bind(io, "blockIdx.y")
         sch.bind(jo, "blockIdx.x")
