@@ -521,7 +521,9 @@ def targets_cmd(json_path) -> None:
 @click.option("--database", default=None, type=click.Path(), help="Tuning database folder; default: the target's.")
 @click.option("--no-tuning", is_flag=True, help="Ignore tuning records: default schedules only.")
 @click.option("--max-abs-error", type=float, default=None, help="The artifact's tolerance on logits against "
-              "its reference (default by encoding: fp32 1e-3, fp16 5e-2, int8 0.1).")
+              "its reference (default by encoding: fp32 1e-3, fp16 5e-2, int8 0.1, kmeans and pq 1e-3).")
+@click.option("--min-fp32-agreement", type=click.FloatRange(0, 100), default=None,
+              help="Quantized checkpoints: % of validation images whose top-1 must match the fp32 model's (default 95).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 (CUDA targets): matmuls take fp16 operands and weights, accumulate in fp32; validated by "
               "compiling the same graph for this CPU.")
@@ -538,14 +540,15 @@ def targets_cmd(json_path) -> None:
               "(default: seeded noise).")
 @click.option("--json", "json_path", type=JSON_OUT, default=None, help=JSON_HELP)
 def compile_cmd(target_name, ckpt_path, model_name, sparsity, batches, no_validate, database, no_tuning, max_abs_error,
-                precision, out_dir, onnx_path, input_shape, mean, std, data_spec, json_path) -> None:
+                min_fp32_agreement, precision, out_dir, onnx_path, input_shape, mean, std, data_spec, json_path) -> None:
     """Compile a checkpoint (or an ONNX model) with TVM for a target into a validated artifact folder."""
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, check_search_scheme, compile_model
     from edgevit.targets import load_target
 
     cfg = _config(CompileConfig, "compile", batch=batches[0], extra_batches=batches[1:], validate=not no_validate,
-                  tuning=not no_tuning, database=database, precision=precision, max_abs_error=max_abs_error)
+                  tuning=not no_tuning, database=database, precision=precision, max_abs_error=max_abs_error,
+                  min_fp32_agreement=min_fp32_agreement)
     target = load_target(target_name)
     if onnx_path is not None:
         return _compile_onnx(onnx_path, target, cfg, out_dir, input_shape, mean, std, data_spec,

@@ -362,8 +362,9 @@ def _fp32_agreement(run, ckpt: Checkpoint, model, inputs, source: str, cfg: Comp
     if source != "random" and figures["images"] >= MIN_AGREEMENT_IMAGES and figures["top1_agreement"] < cfg.min_fp32_agreement:
         raise ValidationError(f"the {ckpt.scheme} artifact's top-1 agrees with the fp32 model on only "
                               f"{figures['top1_agreement']:.1f}% of {source} (limit {cfg.min_fp32_agreement:g}%); "
-                              "the artifact was not written: recalibrate (--method, --keep-fp32) or lower "
-                              "--min-fp32-agreement")
+                              "the artifact was not written: " + ("recalibrate (--method, --keep-fp32)" if ckpt.scheme == "int8"
+                                                                   else "fine-tune the codebooks (--finetune), use more bits or "
+                                                                   "centroids") + " or lower --min-fp32-agreement")
     return figures
 
 
