@@ -2,6 +2,7 @@
 the compiled kernels that decode codes inside the matmul (host numerics, stored bytes, CUDA build)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -194,6 +195,7 @@ def _layer(scheme: str, k: int, n: int, **kw) -> tuple[nn.Module, LayerCodebook]
     ("kmeans", 197, 192, 48, {"bits": 4}),                          # ragged rows (ViT's 197 tokens)
     ("kmeans", 5, 64, 36, {"bits": 2, "groups": 3}),                  # 2-bit, grouped, columns % 8 == 4
     ("kmeans", 49, 32, 96, {"bits": 3}),                              # 3-bit codes in 4-bit slots
+    ("kmeans", 20, 64, 64, {"bits": 2, "groups": 2}),                 # vector lookups, group per 32 columns
     ("kmeans", 1, 24, 16, {"bits": 8}),
     ("pq", 64, 128, 32, {"subvector": 8, "centroids": 32}),
     ("pq", 7, 48, 20, {"subvector": 16, "centroids": 4}),
@@ -201,11 +203,12 @@ def _layer(scheme: str, k: int, n: int, **kw) -> tuple[nn.Module, LayerCodebook]
 ])
 def test_codebook_kernels_match_the_decoded_layer(scheme, rows, k, n, kw, mcpu):
     """The decode-in-kernel matmul (scheduled by CodebookMatmul, not left to the generic rules)
-    equals the PyTorch layer with decoded weights, and takes codes and codebooks, not fp32 weights."""
+    equals the PyTorch layer with decoded weights, and takes codes and codebooks, not fp32 weights;
+    on AVX-512 a 16-entry k-means codebook is looked up 16 weights per permute instruction."""
     import tvm
     from tvm import relax
 
-    from edgevit.backend.codebook_kernels import Layout, codebook_matmul, layout_of
+    from edgevit.backend.codebook_kernels import Layout, codebook_matmul, layout_of, vector_decodable
     from edgevit.backend.codebook_rules import CodebookMatmul
     from edgevit.backend.frontend import to_relax
     from edgevit.backend.schedules import relax_pipeline
@@ -227,6 +230,9 @@ def test_codebook_kernels_match_the_decoded_layer(scheme, rows, k, n, kw, mcpu):
     with torch.no_grad():
         expected = model(x).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    asm = "\n".join(m.inspect_source("s") for m in exe.mod.imports if m.kind == "llvm")
+    vector = vector_decodable(layout) and mcpu == "native"
+    assert bool(re.search(r"\tvperm(d|ps)\s+%zmm", asm)) == vector
 
 
 @pytest.mark.tvm

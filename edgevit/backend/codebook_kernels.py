@@ -58,14 +58,34 @@ class Layout:
         return (self.centroids, self.subvector) if self.scheme == "pq" else (self.groups, self.centroids)
 
 
+VECTOR = 16    # columns one vector lookup decodes (AVX-512's vpermps: 16 fp32 entries, 16 lanes)
+
+
 def layout_of(q) -> Layout:
-    """The kernel layout of a codebooks.LayerCodebook."""
+    """The kernel layout of a codebooks.LayerCodebook (k-means codebooks of up to 16 values are
+    padded to 16, the table one `vpermps` looks up)."""
     from edgevit.codebooks import storage_bits
 
     n, k = q.shape[0], int(np.prod(q.shape[1:]))
     if q.scheme == "pq":
         return Layout("pq", k, n, q.centroids, subvector=q.subvector)
-    return Layout("kmeans", k, n, q.centroids, groups=int(q.codebook.shape[0]), code_bits=storage_bits(q.bits))
+    return Layout("kmeans", k, n, max(q.centroids, VECTOR) if q.centroids <= VECTOR else q.centroids,
+                  groups=int(q.codebook.shape[0]), code_bits=storage_bits(q.bits))
+
+
+def codebook_array(q, layout: Layout) -> np.ndarray:
+    """The codebook as the kernel reads it (k-means: zero-padded to the layout's centroids)."""
+    book = q.codebook.numpy().astype(np.float32)
+    if layout.scheme == "kmeans" and book.shape[1] < layout.centroids:
+        book = np.pad(book, ((0, 0), (0, layout.centroids - book.shape[1])))
+    return np.ascontiguousarray(book)
+
+
+def vector_decodable(layout: Layout) -> bool:
+    """Whether the decode is laid out for 16-column vector lookups: k-means with a 16-entry table,
+    whole 16-column tiles, each tile inside one group of output channels."""
+    return (layout.scheme == "kmeans" and layout.centroids == VECTOR and layout.code_bits in (2, 4)
+            and layout.n % VECTOR == 0 and (layout.n // layout.groups) % VECTOR == 0)
 
 
 def pack_codes(q, layout: Layout) -> np.ndarray:
@@ -113,11 +133,31 @@ def codebook_matmul(m: int, layout: Layout):
             group = j // size if layout.groups > 1 else tirx.IntImm("int64", 0)
             return book[group, code.astype("int64")]
 
-    w = te.compute(i64(k, n), weight, name=DECODE_BLOCK)                                  # (K, N)
     r = te.reduce_axis(i64(0, k), name="k")
-    c = te.compute(i64(m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name=MATMUL_BLOCK)
+    if vector_decodable(layout):    # (K, N/16, 16): each 16-column tile one vector lookup (codebook_rules)
+        w = te.compute(i64(k, n // VECTOR, VECTOR), lambda r_, t, lane: decode_tile_lane(
+            codes, book, r_, t, lane, layout), name=DECODE_BLOCK)
+        c = te.compute(i64(m, n), lambda i, j: te.sum(a[i, r] * w[r, j // VECTOR, j % VECTOR], axis=r),
+                       name=MATMUL_BLOCK)
+    else:
+        w = te.compute(i64(k, n), weight, name=DECODE_BLOCK)                              # (K, N)
+        c = te.compute(i64(m, n), lambda i, j: te.sum(a[i, r] * w[r, j], axis=r), name=MATMUL_BLOCK)
     # out-elementwise-fusable: the bias / GELU / residual epilogue fuses into it
     return te.create_prim_func([a, codes, book, c]).with_attr("op_pattern", 4)
+
+
+def decode_tile_lane(codes, book, r, tile, lane, layout: Layout):
+    """Weight (r, 16 * tile + lane) of a vector-decodable layout: the code's byte and nibble are
+    indexed by the lane alone, the group by the tile alone, so that every tile's 16 lanes are
+    the same computation (the one codebook_rules' vector lookup replaces)."""
+    from tvm import tirx
+
+    per, bits = layout.per_byte, layout.code_bits
+    byte = codes[r, tile * (VECTOR // per) + lane // per].astype("int32")
+    code = (byte >> ((lane % per) * bits).astype("int32")) & ((1 << bits) - 1)
+    size = layout.n // layout.groups
+    group = (tile * VECTOR) // size if layout.groups > 1 else tirx.IntImm("int64", 0)
+    return book[group, code.astype("int64")]
 
 
 @register_encoding("kmeans")
@@ -145,7 +185,7 @@ def _encode(mod, weights: list[np.ndarray], layers: dict, scheme: str):
         if (layout.k, layout.n) != w.shape:
             raise EdgeVitError(f"{scheme}: layer {hit[0]} is [{layout.k}, {layout.n}] in its record but "
                                f"{list(w.shape)} in the graph; quantize the model again")
-        arrays.append([pack_codes(hit[1], layout), hit[1].codebook.numpy().astype(np.float32)])
+        arrays.append([pack_codes(hit[1], layout), codebook_array(hit[1], layout)])
     builder, kernels = relax.BlockBuilder(mod), {}
     rewritten = {gv: _rewrite_function(func, hits, arrays, builder, kernels, scheme)
                  for gv, func in mod.functions.items() if isinstance(func, relax.Function)}

@@ -19,9 +19,11 @@ from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
-from edgevit.backend.codebook_kernels import DECODE_BLOCK
+from edgevit.backend.codebook_kernels import DECODE_BLOCK, VECTOR
 from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, ROWS_PER_TILE, _open, _vectorize_copy, fp32_lanes
 
+VPERMPS = "llvm.x86.avx512.permvar.sf.512"    # 16 fp32 table entries looked up by 16 int32 lanes
+VECTOR_DECODE = "edgevit_vector_decode"       # block annotation: bits per code of a 16-lane decode tile
 GPU_COLUMNS = 64        # threads per block: one output column each
 GPU_ROWS = 4            # rows per thread (the decoded weight is reused by each)
 
@@ -85,7 +87,13 @@ class CodebookMatmul(dl.ScheduleRule):
             sch.parallel(jo)
         sch.compute_at(decode, jo)
         dj = sch.get_loops(decode)[-1]
-        sch.vectorize(sch.split(dj, [None, min(cols, lanes)])[1])
+        bits = _vector_decode_bits(sch, decode)
+        if bits and lanes == VECTOR and _has_avx512(target):
+            # 16 weights, one vpermps from the codebook: the tile's block, rewritten after scheduling
+            # (vector_decode_pass; tensorize cannot match a lookup whose index is itself a load)
+            sch.annotate(sch.blockize(dj), VECTOR_DECODE, bits)
+        else:
+            sch.vectorize(sch.split(dj, [None, min(get_extent(sch, dj), lanes)])[1])
         sch.reverse_compute_at(write_back, io if rows else jo)
         sch.vectorize(ji)
         if rows:
@@ -133,3 +141,108 @@ class CodebookMatmulGPU(dl.ScheduleRule):
         sch.decompose_reduction(main, r)
         sch.unroll(ii)
         return sch
+
+
+# ---------------------------------------------------------------------------- vector decode (AVX-512)
+
+
+def _has_avx512(target) -> bool:
+    from tvm.target.codegen import target_has_features
+
+    try:
+        return bool(target_has_features("avx512f", target))
+    except Exception:  # noqa: BLE001 - another architecture
+        return False
+
+
+def _vector_decode_bits(sch, decode) -> int | None:
+    """Bits per code (2 or 4) of a decode block laid out in 16-lane tiles (codebook_kernels:
+    decode_tile_lane), whose innermost loop is one tile; else None."""
+    block = sch.get(decode)
+    loops = sch.get_loops(decode)
+    if len(block.iter_vars) != 3 or get_extent(sch, loops[-1]) != VECTOR:
+        return None
+    codes = next((r.source for r in block.reads if str(r.source.dtype) == "uint8"), None)
+    book = next((r.source for r in block.reads if str(r.source.dtype) == "float32"), None)
+    if codes is None or book is None or int(book.shape[-1]) != VECTOR:
+        return None
+    per = int(block.iter_vars[1].dom.extent) * VECTOR // int(codes.shape[-1])                 # codes per byte
+    return {2: 4, 4: 2}.get(per)
+
+
+def vector_decode_pass():
+    """A module pass run after the schedules: each tile block CodebookMatmul marked (16 weights of
+    one row of the decoded tile) becomes one vector statement,
+
+        W[r, t, 0:16] = vpermps(codebook[g, 0:16], (i32(codes[r, t*16/per : +16/per] spread per lane) >> shift) & mask)
+
+    the bytes spread to their lanes by a shuffle; r, t, g and the code bytes' offset are read off
+    the block's read and write regions (the statement replaces the block's 16-lane loop)."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="edgevit.VectorDecode")
+    def apply(mod, _ctx):
+        out = {}
+        for gv, func in mod.functions.items():
+            if isinstance(func, tirx.PrimFunc) and VECTOR_DECODE in func.script():
+                func = func.with_body(_rebuild(func.body))
+            out[gv] = func
+        return tvm.IRModule(out, attrs=mod.attrs)
+
+    return apply
+
+
+def _rebuild(stmt):
+    """`stmt` with every marked tile block vectorised (the same object where nothing changed). Walks
+    the statements a scheduled kernel is made of; anything else is left as it is."""
+    from tvm import s_tir, tirx
+
+    if isinstance(stmt, s_tir.SBlock):
+        if VECTOR_DECODE in stmt.annotations:
+            return _vector_tile(stmt, int(stmt.annotations[VECTOR_DECODE]))
+        body = _rebuild(stmt.body)
+        return stmt if body.same_as(stmt.body) else s_tir.SBlock(
+            stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init, stmt.alloc_buffers,
+            stmt.match_buffers, stmt.annotations)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = _rebuild(stmt.block)
+        return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+    if isinstance(stmt, tirx.For):
+        body = _rebuild(stmt.body)
+        return stmt if body.same_as(stmt.body) else tirx.For(
+            stmt.loop_var, stmt.min, stmt.extent, stmt.kind, body, stmt.thread_binding, stmt.annotations)
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_rebuild(s) for s in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+    return stmt
+
+
+def _vector_tile(block, bits: int):
+    from tvm import s_tir, tirx
+
+    per, mask = 8 // bits, (1 << bits) - 1
+    nbytes = VECTOR // per
+    codes = next(r for r in block.reads if str(r.source.dtype) == "uint8")       # codes[r, t*nbytes : +nbytes]
+    book = next(r for r in block.reads if str(r.source.dtype) == "float32")      # codebook[g, 0:16]
+    out = block.writes[0]                                                         # W[r, t, 0:16]
+    first = [rng.min for rng in codes.region]
+    raw = tirx.BufferLoad(codes.source, [*first[:-1], tirx.Ramp(first[-1], 1, nbytes)])   # (nbytes,) u8
+    spread = tirx.Shuffle([raw] * per, [i // per for i in range(VECTOR)])                   # (16,) u8
+    idx = tirx.bitwise_and(tirx.shift_right(tirx.Cast("int32x16", spread),
+                                            _const([(i % per) * bits for i in range(VECTOR)])),
+                           tirx.Broadcast(tirx.IntImm("int32", mask), VECTOR))              # (16,) i32
+    row = [rng.min for rng in book.region]
+    table = tirx.BufferLoad(book.source, [*row[:-1], tirx.Ramp(row[-1], 1, VECTOR)])       # (16,) f32
+    value = tirx.call_llvm_pure_intrin("float32x16", VPERMPS, table, idx)
+    at = [rng.min for rng in out.region]
+    store = tirx.BufferStore(out.source, value, [*at[:-1], tirx.Ramp(at[-1], 1, VECTOR)])
+    return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, store, block.init,
+                        block.alloc_buffers, block.match_buffers, {})
+
+
+def _const(values: list[int]):
+    """An int32x16 constant vector."""
+    from tvm import tirx
+
+    return tirx.Shuffle([tirx.IntImm("int32", v) for v in values], list(range(len(values))))

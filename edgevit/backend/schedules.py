@@ -50,6 +50,16 @@ def schedule_passes(target) -> list:
     return [dl.ApplyDefaultSchedule(*[_tolerant(r) for r in [CodebookMatmul(), PackedInt8Matmul(), *cpu_rules()]])]
 
 
+def after_schedule_passes(target) -> list:
+    """Rewrites of scheduled kernels no schedule primitive can express (CPU: the codebook decode's
+    vector lookups, codebook_rules.vector_decode_pass)."""
+    if target.kind.name == "cuda":
+        return []
+    from edgevit.backend.codebook_rules import vector_decode_pass
+
+    return [vector_decode_pass()]
+
+
 def prepare_passes(target) -> list:
     """Fast math (CPU), legalize and fuse: the kernels these produce are what gets scheduled,
     by the database (tuned) or by the rules, and what `tune` searches."""
@@ -92,7 +102,8 @@ def relax_pipeline(target, database: str | None = None):
         with target:
             seq = tvm.transform.Sequential(
                 backend.library_dispatch_passes(target) + prepare_passes(target) + apply_database(database)
-                + schedule_passes(target) + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
+                + schedule_passes(target) + after_schedule_passes(target) + backend.dataflow_lower_passes(target)
+                + backend.finalize_passes(target))
             return seq(mod)
 
     return pipeline
