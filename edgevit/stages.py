@@ -46,8 +46,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval", "top-1 of the trained (and adapted) model at uniform sparsity ratios",
           "edgevit.evaluation:EvalConfig", "edgevit.evaluation:run_stage", ("train/model.pt", "adapt/model.pt"),
           ("eval/results.json",)),
-    Stage("quantize", "int8 weights and calibrated activations of the adapted (else trained) model; "
-          "later stages profile, search and compile it as int8",
+    Stage("quantize", "int8 weights and calibrated activations (or k-means / PQ codebooks) of the adapted "
+          "(else trained) model; later stages profile, search and compile it in that scheme",
           "edgevit.quantize:QuantizeConfig", "edgevit.quantize:run_stage", ("adapt/model.pt or train/model.pt",),
           ("quantize/model.pt", "quantize/quantization.json")),
     Stage("profile", "latency table of the deployed (quantized, else adapted, else trained) model on a target",
