@@ -103,7 +103,7 @@ class Checkpoint:
             try:
                 layers = {n: layer_record(self.scheme, d) for n, d in self.quantization["layers"].items()}
                 apply_quantization(model, layers)
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
                 raise CheckpointError(f"checkpoint of {self.model_name}: damaged quantization record ({e}); "
                                       "quantize the model again with `edgevit quantize`") from None
         return model
@@ -181,11 +181,17 @@ def quantization_problem(q: Any) -> str | None:
     if not isinstance(q, dict) or not isinstance(q.get("scheme"), str) or not isinstance(q.get("layers"), dict) \
             or not q["layers"]:
         return "expected a scheme and a non-empty table of layers"
+    if q["scheme"] not in ("int8", "kmeans", "pq"):
+        return f"unknown scheme '{q['scheme']}'"
     if q["scheme"] in ("kmeans", "pq"):
         from edgevit.codebooks import record_problem
 
-        return next((p for p in (record_problem(name, layer) if isinstance(layer, dict) else f"layer '{name}': "
-                                 "not a table" for name, layer in q["layers"].items()) if p), None)
+        def problem(name, layer):
+            if not isinstance(layer, dict) or layer.get("scheme") != q["scheme"]:
+                return f"layer '{name}': not a {q['scheme']} record"
+            return record_problem(name, layer)
+
+        return next((p for p in (problem(n, layer) for n, layer in q["layers"].items()) if p), None)
     for name, layer in q["layers"].items():
         w, s = (layer.get(k) if isinstance(layer, dict) else None for k in ("qweight", "weight_scale"))
         if not (isinstance(w, torch.Tensor) and w.dtype == torch.int8 and w.ndim >= 2 and isinstance(s, torch.Tensor)

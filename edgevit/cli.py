@@ -337,6 +337,8 @@ def quantize_cmd(ckpt_path, onnx_path, model_name, spec, scheme, bits, groups, s
     codebook = dict(bits=bits, groups=groups, subvector=subvector, centroids=centroids,
                     activation_aware=activation_aware, finetune=finetune, finetune_lr=finetune_lr)
     _check_scheme_options(scheme, codebook, method=method, percentile=percentile, no_equalize=no_equalize or None)
+    if scheme != "int8" and calib_images is not None and not activation_aware:
+        raise ConfigError(f"quantize: --calib-images calibrates --activation-aware {scheme}; add that flag or drop it")
     if onnx_path is not None:
         if scheme != "int8":
             raise ConfigError(f"quantize --onnx writes int8 QDQ files; --scheme {scheme} takes a --checkpoint")

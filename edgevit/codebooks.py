@@ -108,6 +108,8 @@ def record_problem(name: str, d: dict) -> str | None:
             and isinstance(shape, list) and len(shape) >= 2):
         return f"layer '{name}': uint8 codes [N, K'], a float32 codebook and the weight's shape expected"
     n, k = shape[0], int(np.prod(shape[1:]))
+    if codes.numel() == 0 or cb.numel() == 0 or n <= 0 or k <= 0:
+        return f"layer '{name}': empty codes or codebook"
     if d.get("scheme") == "pq":
         ok = codes.shape == (n, k // cb.shape[1]) and k % cb.shape[1] == 0 and cb.shape[0] <= PQ_MAX_CENTROIDS
     else:
@@ -120,14 +122,20 @@ def record_problem(name: str, d: dict) -> str | None:
 # ---------------------------------------------------------------------------- fitting
 
 
-def codebook_layers(layers: dict[str, nn.Module], scheme: str, subvector: int) -> tuple[dict, dict[str, str]]:
+def codebook_layers(layers: dict[str, nn.Module], scheme: str, subvector: int, groups: int = 1
+                    ) -> tuple[dict, dict[str, str]]:
     """(the layers a codebook can encode, {layer: why it stays fp32} for the rest): the kernel tiles
-    output channels by OUTPUT_MULTIPLE, PQ cuts inputs into whole sub-vectors."""
+    output channels by OUTPUT_MULTIPLE, PQ cuts inputs into whole sub-vectors, k-means groups
+    split the outputs evenly."""
     keep, skipped = {}, {}
     for name, layer in layers.items():
         n, k = layer.weight.shape[0], layer.weight[0].numel()
         if n % OUTPUT_MULTIPLE:
             skipped[name] = f"{n} outputs, not a multiple of {OUTPUT_MULTIPLE}"
+        elif scheme == "kmeans" and n % groups:
+            skipped[name] = f"{n} outputs do not split into {groups} groups"
+        elif scheme == "pq" and k < 2 * subvector:
+            skipped[name] = f"{k} inputs: one sub-vector per output would cluster whole rows"
         elif scheme == "pq" and k % subvector:
             skipped[name] = f"{k} inputs, not a multiple of the sub-vector {subvector}"
         else:

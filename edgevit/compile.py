@@ -310,7 +310,7 @@ def check_precision(cfg: CompileConfig, target: Target, encoding: str) -> str:
         return encoding
     if target.device != "cuda":
         raise ConfigError(f"--precision {cfg.precision} is for CUDA targets (fp16 matmuls on the GPU); "
-                          f"'{target.name}' is a CPU: compile it fp32, or quantize to int8")
+                          f"'{target.name}' is a CPU: compile it fp32, or quantize it (int8, kmeans, pq)")
     if encoding != "fp32":
         raise ConfigError(f"--precision {cfg.precision} takes an fp32 model; this one is {encoding}: compile it "
                           "without --precision, or compile its fp32 checkpoint")

@@ -121,7 +121,19 @@ def table_key(ckpt: Checkpoint, target: Target, batch: int, schedules: str) -> d
     digest = hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return {"model": ckpt.model_name, "model_config": digest, "input": [batch, c.get("in_chans"), c.get("img_size"),
             c.get("img_size")], "batch": batch, "target": target.name, "tvm_target": str(target.tvm_target()),
-            "schedules": schedules, "timing": TIMING, "encoding": ckpt.scheme}
+            "schedules": schedules, "timing": TIMING, "encoding": _encoding_key(ckpt)}
+
+
+def _encoding_key(ckpt: Checkpoint) -> str:
+    """The weight encoding, and for codebooks the kernel layouts (bits, groups, centroids, sub-vector
+    per layer), which decide the kernels' speed: a table measured for 4-bit codes is not 3-bit's."""
+    if ckpt.scheme in ("fp32", "int8"):
+        return ckpt.scheme
+    from edgevit.backend.codebook_kernels import layout_of
+    from edgevit.quantization import layer_record
+
+    layouts = sorted(repr(layout_of(layer_record(ckpt.scheme, d))) for d in ckpt.quantization["layers"].values())
+    return f"{ckpt.scheme}-{hashlib.sha256(json.dumps(layouts).encode()).hexdigest()[:10]}"
 
 
 def default_table_path(key: dict) -> Path:

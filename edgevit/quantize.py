@@ -163,7 +163,7 @@ def _quantize_codebooks(ckpt: Checkpoint, data, out_dir, sparsity: SparsityConfi
 
     model = _prepared(ckpt, sparsity)
     _check_keep_patterns(model, cfg.keep_fp32)
-    layers, skipped = codebook_layers(quantizable_layers(model, cfg.keep_fp32), cfg.scheme, cfg.subvector)
+    layers, skipped = codebook_layers(quantizable_layers(model, cfg.keep_fp32), cfg.scheme, cfg.subvector, cfg.groups)
     if not layers:
         raise ConfigError(f"no layer can take {cfg.scheme} codebooks ({'; '.join(skipped.values())[:200]}); "
                           "keep fewer layers in fp32" + (", or pick a --subvector that divides the inputs"
@@ -191,6 +191,7 @@ def _quantize_codebooks(ckpt: Checkpoint, data, out_dir, sparsity: SparsityConfi
         top1[s][cfg.scheme] = _top1(model, images, norm)
     if cfg.finetune:
         fitted = _finetune(model, fitted, data, ckpt, cfg, log)
+        sqnr = {n: round(reconstruction_sqnr(fp32_state[f"{n}.weight"], q), 2) for n, q in fitted.items()}
         for s, images in splits.items():
             top1[s]["before_finetune"] = top1[s][cfg.scheme]
             top1[s][cfg.scheme] = _top1(model, images, norm)

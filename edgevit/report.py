@@ -306,6 +306,8 @@ def quantization_section(q: dict) -> Section:
     scheme = q["scheme"]
     rows = [(split, _pct(t["fp32"]), _pct(t[scheme]), f"{t[scheme] - t['fp32']:+.2f}") for split, t in q["top1"].items()]
     b = q["weight_bytes"]
+    if scheme != "int8":
+        return _codebook_section(q, rows)
     worst = sorted(q["layers"].items(), key=lambda kv: kv[1]["sqnr_db"])[:3]
     return Section(f"Quantization ({scheme})", [
         f"{len(q['layers'])} layers {scheme}, activations calibrated on {q['calibration']['images']} training images "
@@ -313,6 +315,28 @@ def quantization_section(q: dict) -> Section:
         f"({b['fp32'] / max(b[scheme], 1):.2f}x smaller).",
         Table(("split", "fp32 top-1 (%)", f"{scheme} top-1 (%)", "change (points)"), rows),
         Bullets([f"lowest output SQNR: `{n}` {v['sqnr_db']:.1f} dB" for n, v in worst])])
+
+
+def _codebook_section(q: dict, rows: list) -> Section:
+    """k-means / PQ: the codebook settings, bytes (coded layers and the whole model), top-1 of the
+    fitted and (when fine-tuned) the fine-tuned model, the layers whose weights it rounds most."""
+    scheme, cfg, b = q["scheme"], q["config"], q["weight_bytes"]
+    what = f"{cfg['bits']}-bit k-means" if scheme == "kmeans" else \
+        f"PQ, sub-vectors of {cfg['subvector']}, up to {cfg['centroids']} centroids"
+    tuned = [split for split, t in q["top1"].items() if "before_finetune" in t]
+    if tuned:
+        rows = [(*row, _pct(q["top1"][row[0]].get("before_finetune"))) for row in rows]
+    whole = q.get("model_bytes") or {}
+    worst = sorted(q["layers"].items(), key=lambda kv: kv[1]["weight_sqnr_db"])[:3]
+    header = ("split", "fp32 top-1 (%)", f"{scheme} top-1 (%)", "change (points)") + (("before fine-tuning (%)",)
+                                                                                     if tuned else ())
+    return Section(f"Quantization ({scheme})", [
+        f"{len(q['layers'])} layers {what}" + (f", centroids fine-tuned for {cfg['finetune']:g} epoch(s)"
+                                               if tuned else "") +
+        f"; coded weights {b['fp32'] / 1e3:.1f} kB -> {b[scheme] / 1e3:.1f} kB ({b['fp32'] / max(b[scheme], 1):.2f}x "
+        "smaller)" + (f", the whole model {whole['fp32'] / max(whole[scheme], 1):.2f}x" if whole else "") + ".",
+        Table(header, rows),
+        Bullets([f"lowest weight SQNR: `{n}` {v['weight_sqnr_db']:.1f} dB" for n, v in worst])])
 
 
 def accuracy_section(rep: Report) -> Section:

@@ -171,7 +171,7 @@ def train(model: nn.Module, data: DataBundle, cfg: TrainConfig, out_dir: str | P
     from edgevit.quantization import quantized_layers
 
     if quantized_layers(model):
-        raise ConfigError("training a quantized (int8) model is not supported: train or adapt its fp32 source "
+        raise ConfigError("training a quantized (int8, k-means or PQ) model is not supported: train or adapt its fp32 source "
                           "and quantize the result with `edgevit quantize`")
     out_dir = check_training_out(out_dir)
     check_model_fits(model.cfg, data)

@@ -85,10 +85,11 @@ def test_activation_aware_weighting_favours_columns_that_see_large_inputs():
 
 
 def test_layers_the_kernels_cannot_tile_stay_fp32():
-    layers = {"a": nn.Linear(16, 16), "head": nn.Linear(16, 10), "b": nn.Linear(20, 8)}
+    layers = {"a": nn.Linear(16, 16), "head": nn.Linear(16, 10), "b": nn.Linear(20, 8), "c": nn.Linear(8, 8)}
     keep, skipped = codebook_layers(layers, "pq", 8)
     assert list(keep) == ["a"]
-    assert "10 outputs" in skipped["head"] and "20 inputs" in skipped["b"]
+    assert "10 outputs" in skipped["head"] and "20 inputs" in skipped["b"] and "whole rows" in skipped["c"]
+    assert "split into 3 groups" in codebook_layers({"d": nn.Linear(8, 16)}, "kmeans", 8, groups=3)[1]["d"]
 
 
 def test_finetuning_moves_centroids_by_the_sum_of_their_members_gradients():
@@ -280,3 +281,25 @@ def test_codebook_kernels_for_a_jetson_keep_the_codebook_in_shared_memory(kmeans
 def test_quantizable_layers_of_a_swin_include_its_patch_conv(swin_micro_digits):
     names = list(quantizable_layers(swin_micro_digits.build_model()))
     assert names[0] == "patch_embed.proj"
+
+
+def test_report_and_latency_key_describe_codebook_checkpoints(kmeans4, pq8, swin_micro_digits):
+    from edgevit.latency import table_key
+    from edgevit.report import quantization_section
+
+    section = quantization_section(json.loads(json.dumps(kmeans4.record)))     # as report reads it: JSON
+    assert section.title == "Quantization (kmeans)" and "4-bit k-means" in section.blocks[0]
+    assert "weight SQNR" in section.blocks[-1].items[0]
+    host = load_target("host")
+    keys = {table_key(c, host, 1, "rules")["encoding"] for c in (swin_micro_digits, kmeans4.checkpoint, pq8.checkpoint)}
+    assert len(keys) == 3 and "fp32" in keys          # a codebook table is never another layout's
+
+
+def test_a_record_of_an_unknown_scheme_is_one_line(kmeans4, tmp_path):
+    from edgevit.errors import CheckpointError
+
+    ckpt = Checkpoint.load(kmeans4.folder / "model.pt")
+    torch.save({**torch.load(kmeans4.folder / "model.pt", weights_only=True),
+                "quantization": {**ckpt.quantization, "scheme": "int4"}}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="unknown scheme 'int4'"):
+        Checkpoint.load(tmp_path / "bad.pt")

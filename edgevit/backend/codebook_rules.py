@@ -183,12 +183,16 @@ def vector_decode_pass():
 
     @tvm.transform.module_pass(opt_level=0, name="edgevit.VectorDecode")
     def apply(mod, _ctx):
-        out = {}
+        changed = {}
         for gv, func in mod.functions.items():
-            if isinstance(func, tirx.PrimFunc) and VECTOR_DECODE in func.script():
-                func = func.with_body(_rebuild(func.body))
-            out[gv] = func
-        return tvm.IRModule(out, attrs=mod.attrs)
+            if isinstance(func, tirx.PrimFunc):
+                body = _rebuild(func.body)
+                if not body.same_as(func.body):
+                    changed[gv] = func.with_body(body)
+        if not changed:
+            return mod
+        return tvm.IRModule({**dict(mod.functions.items()), **changed}, attrs=mod.attrs,
+                            global_infos=mod.global_infos)
 
     return apply
 
