@@ -119,17 +119,19 @@ def test_user_onnx_runs_on_the_emulated_board(board, target, int8, tmp_path):
 @pytest.mark.parametrize("scheme, settings", [("kmeans", {"bits": 4}), ("pq", {"subvector": 4, "centroids": 32})])
 def test_codebook_artifacts_match_on_the_emulated_board(board, trained, scheme, settings, tmp_path):
     """The decode-in-kernel matmuls for ARM (NEON, 4 lanes), run on the board against the
-    PyTorch model with decoded weights."""
+    PyTorch model with decoded weights; the k-means one under a sparsity config (schemes compose)."""
     from edgevit.compile import CompileConfig, compile_model
     from edgevit.quantize import QuantizeConfig, quantize
+    from edgevit.sparsity import SparsityConfig
     from edgevit.targets import load_target
     from edgevit.verify import verify
 
     ckpt, data = trained
     q = quantize(ckpt, data, tmp_path / "q", None, QuantizeConfig(scheme=scheme, eval_images=64, **settings),
                  log=lambda _: None)
-    art = compile_model(q.checkpoint, load_target("rasp4b"), tmp_path / "arm", None,
+    sparsity = SparsityConfig.for_model(ckpt.build_model(), [0.5, 0.0]) if scheme == "kmeans" else None
+    art = compile_model(q.checkpoint, load_target("rasp4b"), tmp_path / "arm", sparsity,
                         CompileConfig(batch=2, min_fp32_agreement=0), log=lambda _: None)
-    assert art.manifest.encoding == scheme
+    assert art.manifest.encoding == scheme and (art.manifest.sparsity is not None) == (scheme == "kmeans")
     result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
     assert result["ok"] and result["max_abs_error"] < 1e-4 and result["top1_agreement"] == 100, result

@@ -303,3 +303,26 @@ def test_a_record_of_an_unknown_scheme_is_one_line(kmeans4, tmp_path):
                 "quantization": {**ckpt.quantization, "scheme": "int4"}}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="unknown scheme 'int4'"):
         Checkpoint.load(tmp_path / "bad.pt")
+
+
+@pytest.mark.tvm
+def test_codebook_kernels_use_tbl_lookups_on_arm():
+    """NEON: a 16-entry k-means codebook (64 bytes, four registers) is looked up 4 floats per `tbl`
+    (the numbers: the emulated board test); PQ's 256-entry codebooks keep scalar lookups."""
+    import tvm
+    from tvm import relax
+
+    from edgevit.backend.frontend import to_relax
+    from edgevit.backend.schedules import relax_pipeline
+
+    target = load_target("rasp4b")
+    tvm_target = target.tvm_target()
+    asm = {}
+    for scheme, kw in (("kmeans", {"bits": 4}), ("pq", {"subvector": 8, "centroids": 64})):
+        torch.manual_seed(0)
+        model, _ = _layer(scheme, 64, 32, **kw)
+        mod, _ = to_relax(model, torch.randn(1, 8, 64), target=target)
+        with tvm.transform.PassContext(opt_level=3):
+            exe = relax.build(mod, tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+        asm[scheme] = "\n".join(m.inspect_source("s") for m in exe.mod.imports if m.kind == "llvm")
+    assert asm["kmeans"].count("\ttbl\t") >= 4 and "\ttbl\t" not in asm["pq"]

@@ -4,7 +4,10 @@ CPU: loops parallel(column tiles) > [decode the tile's K x NR weights into a sma
 row tiles > k > MR rows (unrolled) > NR columns (vectorised), the accumulator tile in registers
 and the epilogue applied as it is written back. Each weight is decoded once per call (not once
 per row: decoding in the innermost loop kept lookups scalar and ran 20x slower, TVM_QUANT.md),
-and the tile buffer (K x NR floats) stays in cache while every row tile streams past it.
+and the tile buffer (K x NR floats) stays in cache while every row tile streams past it. A
+k-means codebook of up to 16 values is looked up 16 weights at a time: one `vpermps` on AVX-512,
+four `tbl` on ARM NEON (vector_decode_pass); larger codebooks (PQ, 5-8 bits) and AVX2 use
+scalar lookups.
 
 CUDA: one block per (row tile, column tile), a thread per output column computing ROWS rows; the
 codebook is staged in shared memory by the block's threads, and each thread decodes the weight
@@ -24,6 +27,8 @@ from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, ROWS_PER_TILE, _open, _
 
 VPERMPS = "llvm.x86.avx512.permvar.sf.512"    # 16 fp32 table entries looked up by 16 int32 lanes
 VECTOR_DECODE = "edgevit_vector_decode"       # block annotation: bits per code of a 16-lane decode tile
+VECTOR_ISA = "edgevit_vector_decode_isa"      # ... and the lookup instructions: "avx512" or "neon"
+NEON_TBL4 = "llvm.aarch64.neon.tbl4.v16i8"    # 16 bytes looked up in a 64-byte table (4 registers)
 GPU_COLUMNS = 64        # threads per block: one output column each
 GPU_ROWS = 4            # rows per thread (the decoded weight is reused by each)
 
@@ -71,7 +76,10 @@ class CodebookMatmul(dl.ScheduleRule):
         extents = [get_extent(sch, lp) for lp in loops]
         n, macs = extents[-2], int(np.prod(extents))
         lanes = fp32_lanes(target)
-        cols = next((c for c in (2 * lanes, lanes, 8, 4) if n % c == 0), None)
+        isa = _lookup_isa(target, lanes)
+        tiled = _has_lane_tiles(sch, decode)
+        # vector lookups decode whole 16-column tiles: on NEON (4 lanes) the column tile is 4 vectors
+        cols = VECTOR if (tiled and isa == "neon") else next((c for c in (2 * lanes, lanes, 8, 4) if n % c == 0), None)
         if cols is None:
             return None
         write_back = sch.cache_write(main, 0, "local")
@@ -88,10 +96,12 @@ class CodebookMatmul(dl.ScheduleRule):
         sch.compute_at(decode, jo)
         dj = sch.get_loops(decode)[-1]
         bits = _vector_decode_bits(sch, decode)
-        if bits and lanes == VECTOR and _has_avx512(target):
-            # 16 weights, one vpermps from the codebook: the tile's block, rewritten after scheduling
-            # (vector_decode_pass; tensorize cannot match a lookup whose index is itself a load)
-            sch.annotate(sch.blockize(dj), VECTOR_DECODE, bits)
+        if bits and isa:
+            # 16 weights by vector lookups (vpermps; four NEON tbl): the tile's block, rewritten after
+            # scheduling (vector_decode_pass; tensorize cannot match a lookup whose index is a load)
+            tile = sch.blockize(dj)
+            sch.annotate(tile, VECTOR_DECODE, bits)
+            sch.annotate(tile, VECTOR_ISA, isa)
         else:
             sch.vectorize(sch.split(dj, [None, min(get_extent(sch, dj), lanes)])[1])
         sch.reverse_compute_at(write_back, io if rows else jo)
@@ -146,13 +156,23 @@ class CodebookMatmulGPU(dl.ScheduleRule):
 # ---------------------------------------------------------------------------- vector decode (AVX-512)
 
 
-def _has_avx512(target) -> bool:
+def _lookup_isa(target, lanes: int) -> str | None:
+    """'avx512' (vpermps on a 16-entry table in one register), 'neon' (tbl over a 64-byte table in
+    four registers), or None (scalar lookups: AVX2's vpermps holds only 8 entries)."""
     from tvm.target.codegen import target_has_features
 
-    try:
-        return bool(target_has_features("avx512f", target))
-    except Exception:  # noqa: BLE001 - another architecture
-        return False
+    for feature, isa in (("avx512f", "avx512"), ("neon", "neon")):
+        try:
+            if target_has_features(feature, target) and (isa != "avx512" or lanes == VECTOR):
+                return isa
+        except Exception:  # noqa: BLE001 - a feature of another architecture
+            continue
+    return None
+
+
+def _has_lane_tiles(sch, decode) -> bool:
+    """A decode block laid out in 16-lane tiles (codebook_kernels.vector_decodable)."""
+    return len(sch.get(decode).iter_vars) == 3
 
 
 def _vector_decode_bits(sch, decode) -> int | None:
@@ -204,7 +224,8 @@ def _rebuild(stmt):
 
     if isinstance(stmt, s_tir.SBlock):
         if VECTOR_DECODE in stmt.annotations:
-            return _vector_tile(stmt, int(stmt.annotations[VECTOR_DECODE]))
+            bits, isa = int(stmt.annotations[VECTOR_DECODE]), str(stmt.annotations.get(VECTOR_ISA, "avx512"))
+            return (_neon_tile if isa == "neon" else _vector_tile)(stmt, bits)
         body = _rebuild(stmt.body)
         return stmt if body.same_as(stmt.body) else s_tir.SBlock(
             stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init, stmt.alloc_buffers,
@@ -243,6 +264,36 @@ def _vector_tile(block, bits: int):
     store = tirx.BufferStore(out.source, value, [*at[:-1], tirx.Ramp(at[-1], 1, VECTOR)])
     return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, store, block.init,
                         block.alloc_buffers, block.match_buffers, {})
+
+
+def _neon_tile(block, bits: int):
+    """The tile's 16 weights as four `tbl` lookups of 4 floats each: the codebook's 64 bytes are the
+    table, and float lane q of code c reads bytes 4c .. 4c + 3."""
+    from tvm import s_tir, tirx
+
+    per, mask = 8 // bits, (1 << bits) - 1
+    nbytes = VECTOR // per
+    codes = next(r for r in block.reads if str(r.source.dtype) == "uint8")
+    book = next(r for r in block.reads if str(r.source.dtype) == "float32")
+    out = block.writes[0]
+    first = [rng.min for rng in codes.region]
+    raw = tirx.BufferLoad(codes.source, [*first[:-1], tirx.Ramp(first[-1], 1, nbytes)])            # (nbytes,) u8
+    row = [rng.min for rng in book.region]
+    table = [tirx.reinterpret("int8x16", tirx.BufferLoad(book.source, [*row[:-1], tirx.Ramp(
+        row[-1] + 4 * q, 1, 4)])) for q in range(4)]                                               # 4 x (16,) i8
+    at = [rng.min for rng in out.region]
+    stores = []
+    for quad in range(VECTOR // 4):                  # weights 4*quad .. 4*quad + 3, 4 bytes each
+        weight = [4 * quad + b // 4 for b in range(16)]
+        spread = tirx.Shuffle([raw] * per, [w // per for w in weight])                              # (16,) u8
+        shifts = tirx.Shuffle([tirx.IntImm("uint8", (w % per) * bits) for w in weight], list(range(16)))
+        code = tirx.bitwise_and(tirx.shift_right(spread, shifts), tirx.Broadcast(tirx.IntImm("uint8", mask), 16))
+        byte = tirx.Shuffle([tirx.IntImm("uint8", b % 4) for b in range(16)], list(range(16)))
+        idx = tirx.reinterpret("int8x16", code * tirx.Broadcast(tirx.IntImm("uint8", 4), 16) + byte)
+        value = tirx.reinterpret("float32x4", tirx.call_llvm_pure_intrin("int8x16", NEON_TBL4, *table, idx))
+        stores.append(tirx.BufferStore(out.source, value, [*at[:-1], tirx.Ramp(at[-1] + 4 * quad, 1, 4)]))
+    return s_tir.SBlock(block.iter_vars, block.reads, block.writes, block.name_hint, tirx.SeqStmt(stores),
+                        block.init, block.alloc_buffers, block.match_buffers, {})
 
 
 def _const(values: list[int]):
