@@ -193,10 +193,10 @@ def fit_pq(weight: torch.Tensor, subvector: int, centroids: int, importance: tor
 
 
 def reconstruction_sqnr(weight: torch.Tensor, layer: LayerCodebook) -> float:
-    """Signal-to-quantization-noise ratio of the decoded weight, dB."""
-    from edgevit.quantization import sqnr_db
-
-    return sqnr_db(weight.detach(), layer.decode())
+    """Signal-to-quantization-noise ratio of the decoded weight, dB (inf when exact)."""
+    signal = float(weight.detach().double().pow(2).sum())
+    noise = float((weight.detach().double() - layer.decode().double()).pow(2).sum())
+    return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
 
 
 # ---------------------------------------------------------------------------- fine-tuning

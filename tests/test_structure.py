@@ -8,8 +8,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "edgevit"
 # what backend modules may import besides each other: dependency-free shared modules
 # edgevit.quantization is model code (the quantized layers the int8 encoding reads), not a stage
+# the quantization records' math (int8; codebooks), which the weight encodings read: not stages
 BACKEND_MAY_IMPORT = {"edgevit", "edgevit.errors", "edgevit.config", "edgevit.fileio", "edgevit.targets",
-                      "edgevit.quantization"}
+                      "edgevit.quantization", "edgevit.codebooks"}
 
 
 def module_name(path: Path) -> str:

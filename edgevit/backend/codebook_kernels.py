@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevit.backend.encodings import match_weights, register_encoding
+from edgevit.backend.weight_match import match_weights
 from edgevit.errors import EdgeVitError
 
 DECODE_BLOCK = "codebook_decode"
@@ -160,13 +160,11 @@ def decode_tile_lane(codes, book, r, tile, lane, layout: Layout):
     return book[group, code.astype("int64")]
 
 
-@register_encoding("kmeans")
 def kmeans(mod, weights: list[np.ndarray], layers: dict, **_options):
     """k-means codebooks decoded inside the matmul kernels (the module's docstring)."""
     return _encode(mod, weights, layers, "kmeans")
 
 
-@register_encoding("pq")
 def pq(mod, weights: list[np.ndarray], layers: dict, **_options):
     """Product-quantized weights decoded inside the matmul kernels (the module's docstring)."""
     return _encode(mod, weights, layers, "pq")

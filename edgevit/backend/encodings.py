@@ -14,11 +14,12 @@ size (`main`, `main_b8`, ...), all taking the same weights: rewrite every one of
 
 from __future__ import annotations
 
-import hashlib
 from typing import Callable
 
 import numpy as np
 
+from edgevit.backend import codebook_kernels
+from edgevit.backend.weight_match import match_weights
 from edgevit.config import closest_key_hint
 from edgevit.errors import ConfigError, EdgeVitError
 
@@ -102,25 +103,6 @@ def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool 
     for gv, func in rewritten.items():
         out[gv] = func
     return out, [a for per_weight in arrays for a in per_weight]
-
-
-def match_weights(weights: list[np.ndarray], layers: dict, encoding: str) -> list[tuple[str, object] | None]:
-    """Per graph weight ([K, N] after the weight transforms), the (name, record) of the quantized
-    layer it is, or None. Layers are found by their weight's value (the importer renames
-    parameters; the values pass through unchanged); every layer must be found."""
-    by_value: dict[str, tuple[str, object]] = {}
-    for name, (weight, quant) in layers.items():
-        key = _digest(_as_matrix(weight))
-        if key in by_value and by_value[key][1] is not quant:
-            raise EdgeVitError(f"{encoding}: layers {by_value[key][0]} and {name} have identical weights, so the "
-                               "compiled graph cannot tell them apart; re-quantize with one of them in --keep-fp32")
-        by_value[key] = (name, quant)
-    hits = [by_value.get(_digest(np.ascontiguousarray(w.T))) if w.ndim == 2 else None for w in weights]
-    missing = sorted(set(n for n, _ in by_value.values()) - {hit[0] for hit in hits if hit})
-    if missing:
-        raise EdgeVitError(f"{encoding}: quantized layer(s) {', '.join(missing[:3])} not found in the imported graph; "
-                           "re-quantize with them in `edgevit quantize --keep-fp32`, or report this model")
-    return hits
 
 
 def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int,
@@ -228,17 +210,6 @@ def packed_matmul(m: int, k: int, n: int, a_dtype: str = "uint8"):
     return te.create_prim_func([a, w, c]).with_attr("op_pattern", 4)
 
 
-def _as_matrix(weight) -> np.ndarray:
-    """A linear's [N, K] weight (a torch tensor or an array), or a patch conv's [O, C, kh, kw]
-    flattened to [O, C*kh*kw]."""
-    w = np.asarray(weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight, dtype=np.float32)
-    return np.ascontiguousarray(w.reshape(w.shape[0], -1))
-
-
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()
-
-
 def _int8_arrays(q, shift: int = 0, panels: bool = True) -> list[np.ndarray]:
     """(W_s8 packed in CPU panels [N/16, K/4, 16, 4] or GPU groups [K/4, N, 4], int8; (z - shift) *
     colsum(W_s8) [N] int32; s_x * s_w [N] float32) of one layer."""
@@ -270,4 +241,6 @@ def _zero_pad(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return out
 
 
-from edgevit.backend import codebook_kernels  # noqa: E402,F401 - registers the kmeans and pq encodings
+# the codebook encodings (their kernels live beside their schedules)
+register_encoding("kmeans")(codebook_kernels.kmeans)
+register_encoding("pq")(codebook_kernels.pq)
