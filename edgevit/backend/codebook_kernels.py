@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevit.backend.weight_match import match_weights
+from edgevit.backend.weight_match import match_weights, replace_weight_matmuls
 from edgevit.errors import EdgeVitError
 
 DECODE_BLOCK = "codebook_decode"
@@ -171,8 +171,6 @@ def pq(mod, weights: list[np.ndarray], layers: dict, **_options):
 
 
 def _encode(mod, weights: list[np.ndarray], layers: dict, scheme: str):
-    from tvm import relax
-
     hits = match_weights(weights, layers, scheme)
     arrays = []
     for w, hit in zip(weights, hits):
@@ -184,54 +182,18 @@ def _encode(mod, weights: list[np.ndarray], layers: dict, scheme: str):
             raise EdgeVitError(f"{scheme}: layer {hit[0]} is [{layout.k}, {layout.n}] in its record but "
                                f"{list(w.shape)} in the graph; quantize the model again")
         arrays.append([pack_codes(hit[1], layout), codebook_array(hit[1], layout)])
-    builder, kernels = relax.BlockBuilder(mod), {}
-    rewritten = {gv: _rewrite_function(func, hits, arrays, builder, kernels, scheme)
-                 for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
-    out = builder.get()
-    for gv, func in rewritten.items():
-        out[gv] = func
-    return out, [a for per_weight in arrays for a in per_weight]
+    return replace_weight_matmuls(mod, hits, arrays, ("codes", "codebook"), _lower, scheme)
 
 
-def _rewrite_function(func, hits: list, arrays: list[list[np.ndarray]], builder, kernels: dict, scheme: str):
-    """One Relax function with its codebook layers' matmuls as codebook kernels (shared by shape
-    through `kernels`) and their weights replaced by (codes, codebook) inputs."""
+def _lower(call, x, q, encoded, kernel):
+    """matmul(x, W) of a codebook layer as its codebook kernel (shared by layout and rows)."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    n_inputs = int(func.attrs["num_input"])
-    new_params, replaced = list(func.params[:n_inputs]), {}
-    for var, hit, per_weight in zip(func.params[n_inputs:], hits, arrays):
-        if hit is None:
-            new_params.append(var)
-            continue
-        cvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
-                 for suffix, a in zip(("codes", "codebook"), per_weight)]
-        replaced[var] = (layout_of(hit[1]), cvars)
-        new_params += cvars
-    x_pat, w_pat = wildcard(), wildcard()
-
-    def rewrite(call, matches):
-        w = matches[w_pat]
-        if w not in replaced:
-            return call
-        layout, (codes, book) = replaced[w]
-        op = relax.op
-        dims = [int(d) for d in call.args[0].ty.shape]
-        lead = dims[:-1]
-        rows = int(np.prod(lead))
-        key = (layout, rows)
-        if key not in kernels:
-            name = f"{MATMUL_BLOCK}_{scheme}_{len(kernels)}"
-            kernels[key] = builder.add_func(codebook_matmul(rows, layout).with_attr("global_symbol", name), name)
-        x = op.reshape(matches[x_pat], [rows, layout.k])                                   # (M, K)
-        y = relax.call_tir(kernels[key], relax.Tuple([x, codes, book]),
-                           relax.TensorType([rows, layout.n], "float32"))                  # (M, N)
-        return op.reshape(y, [*lead, layout.n])                                             # (..., N)
-
-    body = rewrite_call(is_op("relax.matmul")(x_pat, w_pat), rewrite, func).body
-    unrewritten = [v.name for v in relax.analysis.free_vars(body) if v in replaced]
-    if unrewritten:
-        raise EdgeVitError(f"{scheme}: weight(s) {', '.join(unrewritten[:3])} are used by something other than a "
-                           "matmul; re-quantize with that layer in `edgevit quantize --keep-fp32`, or report this model")
-    return relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
+    layout, (codes, book) = layout_of(q), encoded
+    op = relax.op
+    lead = [int(d) for d in call.args[0].ty.shape][:-1]
+    rows = int(np.prod(lead))
+    func = kernel((layout, rows), f"{MATMUL_BLOCK}_{layout.scheme}", lambda: codebook_matmul(rows, layout))
+    y = relax.call_tir(func, relax.Tuple([op.reshape(x, [rows, layout.k]), codes, book]),
+                       relax.TensorType([rows, layout.n], "float32"))                      # (M, K) -> (M, N)
+    return op.reshape(y, [*lead, layout.n])                                                 # (..., N)

@@ -19,9 +19,9 @@ from typing import Callable
 import numpy as np
 
 from edgevit.backend import codebook_kernels
-from edgevit.backend.weight_match import match_weights
+from edgevit.backend.weight_match import match_weights, replace_weight_matmuls
 from edgevit.config import closest_key_hint
-from edgevit.errors import ConfigError, EdgeVitError
+from edgevit.errors import ConfigError
 
 Encoder = Callable[..., tuple[object, list[np.ndarray]]]   # (mod, weights, layers, **target options)
 _ENCODINGS: dict[str, Encoder] = {}
@@ -90,48 +90,22 @@ def int8(mod, weights: list[np.ndarray], layers: dict, signed_activations: bool 
     output is a row of activations dotted with a column of weights 4 bytes at a time (`__dp4a`,
     int8_rules), neighbouring threads reading neighbouring 4-byte words.
     (TVM 0.27's own int8 tensor-core matmul schedule fails to build: TVM_QUANT.md.)"""
-    from tvm import relax
-
     layers = match_weights(weights, layers, "int8")
     shift = SIGNED_SHIFT if signed_activations else 0
     arrays = [_int8_arrays(hit[1], shift, panels) if hit else [np.asarray(w, order="C")]
               for w, hit in zip(weights, layers)]
-    builder, kernels = relax.BlockBuilder(mod), {}
-    rewritten = {gv: _int8_function(func, layers, arrays, builder, kernels, shift, panels)
-                 for gv, func in mod.functions.items() if isinstance(func, relax.Function)}
-    out = builder.get()
-    for gv, func in rewritten.items():
-        out[gv] = func
-    return out, [a for per_weight in arrays for a in per_weight]
+    return replace_weight_matmuls(mod, layers, arrays, ("s8", "comp", "scale"), _int8_lowering(shift, panels), "int8")
 
 
-def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, kernels: dict, shift: int,
-                   panels: bool):
-    """One Relax function (`main`, or one per extra batch size) with its quantized layers' matmuls
-    as u8/s8 x s8 kernels (shared through `kernels` by shape) and their weights replaced by
+def _int8_lowering(shift: int, panels: bool):
+    """matmul(x, W) of a quantized layer as u8/s8 x s8 kernels (shared by shape) on its
     (W_s8, comp, scale) inputs."""
     from tvm import relax
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-    n_inputs = int(func.attrs["num_input"])
-    new_params, replaced = list(func.params[:n_inputs]), {}
-    for var, hit, per_weight in zip(func.params[n_inputs:], layers, arrays):
-        if hit is None:
-            new_params.append(var)
-            continue
-        qvars = [relax.Var(f"{var.name}_{suffix}", relax.TensorType(list(a.shape), str(a.dtype)))
-                 for suffix, a in zip(("s8", "comp", "scale"), per_weight)]
-        replaced[var] = (hit[1], qvars)
-        new_params += qvars
-    x_pat, w_pat = wildcard(), wildcard()
-
-    def rewrite(call, matches):
-        w = matches[w_pat]
-        if w not in replaced:
-            return call
-        q, (w_packed, comp, scale) = replaced[w]
+    def lower(call, x, q, encoded, kernel):
+        w_packed, comp, scale = encoded
         op = relax.op
-        x = op.multiply(matches[x_pat], relax.const(np.float32(q.inv_input_scale)))
+        x = op.multiply(x, relax.const(np.float32(q.inv_input_scale)))
         zero = relax.const(np.float32(q.input_zero_point - shift))
         codes = op.astype(op.clip(op.add(op.round(x), zero), -shift, 255 - shift), "int8" if shift else "uint8")
         dims = [int(d) for d in call.args[0].ty.shape]
@@ -144,25 +118,17 @@ def _int8_function(func, layers: list, arrays: list[list[np.ndarray]], builder, 
         else:        # GPU: whole 4-byte groups of depth for __dp4a
             padded, depth, prefix = rows, -(-k // DP4A_DEPTH) * DP4A_DEPTH, "matmul_s8s8_rows"
             make = lambda: row_dot_matmul(rows, depth, n)                                     # noqa: E731
-        key = (prefix, padded, depth, n)
-        if key not in kernels:
-            name = f"{prefix}_{len(kernels)}"
-            kernels[key] = builder.add_func(make().with_attr("global_symbol", name), name)
+        func = kernel((prefix, padded, depth, n), prefix, make)
         if (padded, depth) != (rows, k):
             codes = op.nn.pad(codes, [0, padded - rows, 0, depth - k])                      # (M', K')
-        acc = relax.call_tir(kernels[key], relax.Tuple([codes, w_packed]),
+        acc = relax.call_tir(func, relax.Tuple([codes, w_packed]),
                              relax.TensorType([padded, n], "int32"))                       # (M', N)
         y = op.multiply(op.astype(op.subtract(acc, comp), "float32"), scale)              # (M', N)
         if padded != rows:
             y = op.strided_slice(y, [0], [0], [rows])                                       # (M, N)
         return op.reshape(y, [*lead, n])                                                    # (..., N)
 
-    body = rewrite_call(is_op("relax.matmul")(x_pat, w_pat), rewrite, func).body
-    unrewritten = [v.name for v in relax.analysis.free_vars(body) if v in replaced]
-    if unrewritten:
-        raise EdgeVitError(f"int8: weight(s) {', '.join(unrewritten[:3])} are used by something other than a matmul; "
-                           "re-quantize with that layer in `edgevit quantize --keep-fp32`, or report this model")
-    return relax.Function(new_params, body, func.ret_ty, func.is_pure, func.attrs)
+    return lower
 
 
 PANEL_COLS, PANEL_DEPTH = 16, 4   # packed weight panels: 16 output columns x 4 k (one vpdpbusd / sdot x4)
