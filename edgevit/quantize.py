@@ -11,6 +11,7 @@ the validation and test splits.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -264,12 +265,9 @@ def _input_energy(model, layers: dict, images: torch.Tensor, batch: int) -> dict
             x = x.reshape(-1, x.shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.pow(2).sum(0)
             counts[name] = counts.get(name, 0) + len(x)
-        hooks.append(layer.register_forward_hook(hook))
-    try:
+        hooks.append((layer, hook))
+    with _forward_hooks(hooks):
         _run(model, images, batch)
-    finally:
-        for h in hooks:
-            h.remove()
     return {n: (sums[n] / counts[n]).float() for n in sums}
 
 
@@ -327,6 +325,17 @@ def calibration_images(data, ckpt: Checkpoint, cfg: QuantizeConfig) -> torch.Ten
     return x
 
 
+@contextmanager
+def _forward_hooks(hooks: list[tuple[torch.nn.Module, Callable]]):
+    """The (module, hook) pairs registered as forward hooks inside the block, removed after it."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def _run(model, images: torch.Tensor, batch: int) -> None:
     for i in range(0, len(images), batch):
@@ -343,12 +352,9 @@ def _norm_absmax(model, images: torch.Tensor, batch: int) -> dict[str, torch.Ten
         def hook(_m, _inp, out, name=name):
             a = out.detach().abs().reshape(-1, out.shape[-1]).amax(0)         # (C,)
             absmax[name] = torch.maximum(absmax[name], a) if name in absmax else a
-        hooks.append(ln.register_forward_hook(hook))
-    try:
+        hooks.append((ln, hook))
+    with _forward_hooks(hooks):
         _run(model, images, batch)
-    finally:
-        for h in hooks:
-            h.remove()
     return absmax
 
 
@@ -364,12 +370,9 @@ def _layer_inputs(model, layers: dict, images: torch.Tensor, cfg: QuantizeConfig
             x = inp[0].detach().reshape(-1)
             pick = torch.randint(len(x), (min(per_batch, len(x)),), generator=gen)
             parts[name] += [x[pick], x.min()[None], x.max()[None]]
-        hooks.append(layer.register_forward_hook(hook))
-    try:
+        hooks.append((layer, hook))
+    with _forward_hooks(hooks):
         _run(model, images, cfg.batch)
-    finally:
-        for h in hooks:
-            h.remove()
     return {n: torch.cat(p) for n, p in parts.items()}
 
 
@@ -392,12 +395,9 @@ def _layer_sqnr(model, quants: dict, images: torch.Tensor) -> dict[str, float]:
     for name in quants:
         def hook(_m, inp, out, name=name):
             pairs[name] = (inp[0].detach(), out.detach())
-        hooks.append(modules[name].register_forward_hook(hook))
-    try:
+        hooks.append((modules[name], hook))
+    with _forward_hooks(hooks):
         model(images)
-    finally:
-        for h in hooks:
-            h.remove()
     out = {}
     for name, q in quants.items():
         layer = modules[name]
