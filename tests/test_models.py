@@ -12,10 +12,12 @@ from edgevit.models import create_model, list_models, resolve_model
 LARGE = {"swin_t", "vit_tiny", "deit_tiny_distilled"}
 SEEDS = {n for n in list_models() if n.endswith("_patch16")}        # the seeds' encoders, ViT-S/B at 224
 SMALL_SEED = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)   # same code, test-sized
+EFFICIENTVIT_224 = {n for n in list_models() if n.startswith("efficientvit_b")}    # exported at 64x64
 
 
 def eval_model(name):
-    model = create_model(name, **(SMALL_SEED if name in SEEDS else {})).eval()
+    settings = SMALL_SEED if name in SEEDS else dict(img_size=64) if name in EFFICIENTVIT_224 else {}
+    model = create_model(name, **settings).eval()
     cfg = model.cfg
     x = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size)
     return model, x

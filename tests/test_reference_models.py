@@ -36,7 +36,7 @@ def edgevit_output(fixture: dict, tmp_path: Path, **extra) -> tuple[torch.Tensor
 
 def test_every_family_has_a_reference():
     assert {"timm_vit", "timm_vit_resized", "timm_deit_distilled", "timm_swin", "mae_encoder", "dino_encoder", "mocov3_encoder",
-            "beit_encoder", "openai_clip"} <= set(CASES)
+            "beit_encoder", "openai_clip", "efficientvit_official"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -45,11 +45,12 @@ def test_reproduces_reference_library(name, tmp_path):
     out, ckpt = edgevit_output(fixture, tmp_path)
     assert out.shape == fixture["output"].shape
     assert (out - fixture["output"]).abs().max().item() <= MAX_ABS_ERROR
-    assert ckpt.stage == "import" and ckpt.config["naming"] in ("timm", "beit", "openai-clip")
+    assert ckpt.stage == "import" and ckpt.config["naming"] in ("timm", "beit", "openai-clip", "efficientvit")
 
 
 @pytest.mark.parametrize("name, setting, value", [("timm_vit", "norm_eps", 1e-5), ("openai_clip", "act", "gelu"),
-                                                  ("beit_encoder", "global_pool", "token")])
+                                                  ("beit_encoder", "global_pool", "token"),
+                                                  ("efficientvit_official", "act", "relu")])
 def test_convention_matters(name, setting, value, tmp_path):
     """The conventions the loader sets are not cosmetic: the other value misses by > 10x the limit."""
     fixture = load_fixture(name)

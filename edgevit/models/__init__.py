@@ -5,7 +5,7 @@ fields (e.g. img_size, num_classes), and unknown fields are errors naming the cl
 A new family is one module here that calls `register_model`, plus its import below.
 """
 
-from edgevit.models import swin, vit  # noqa: F401  (families register on import)
+from edgevit.models import efficientvit, swin, vit  # noqa: F401  (families register on import)
 from edgevit.models.registry import create_model, list_models, register_model, resolve_model
 
 __all__ = ["create_model", "list_models", "register_model", "resolve_model"]

@@ -1,6 +1,7 @@
 """Other repositories' key names for the models edgevit registers, mapped onto edgevit's own.
 
-edgevit's ViT and Swin use timm's names, so timm state dicts load as they are. The seeds'
+edgevit's ViT and Swin use timm's names, so timm state dicts load as they are; its EfficientViT
+uses the official repository's (mit-han-lab/efficientvit). The seeds'
 encoders were released under their own: OpenAI CLIP (`conv1`, `transformer.resblocks.N`,
 `ln_post`, `proj`), BEiT (`q_bias`/`v_bias`, `gamma_1`, shared `rel_pos_bias`), and wrappers
 around timm-style names (MoCo v3 `module.base_encoder.`, DINO `teacher`/`backbone.`, MAE's
@@ -41,6 +42,8 @@ def adopt(state: dict[str, torch.Tensor], family: str, feature_extractor: bool) 
     """`state` in edgevit's names for a model of `family` ('vit' or other: unchanged but for
     prefixes). `feature_extractor`: the chosen model has no head, so a pre-training head in the
     file (DINO's, MoCo v3's projector) is dropped rather than refused."""
+    if family == "EfficientViT":   # the official names are edgevit's; its `backbone.` is not a wrapper
+        return _from_efficientvit(dict(state))
     state, dropped = _strip_wrappers(dict(state))
     if family != "vit":
         return Adopted(state, "timm", dropped=dropped)
@@ -94,6 +97,20 @@ def _implied_settings(state: dict, feature_extractor: bool) -> dict:
         settings["num_classes"] = int(head.shape[0])
         settings["head_bias"] = "head.bias" in state
     return settings
+
+
+EFFICIENTVIT_CLASSIFIER = "head.op_list.3.linear.weight"
+
+
+def _from_efficientvit(state: dict) -> Adopted:
+    """mit-han-lab/efficientvit's classification checkpoints: `backbone.` and `head.` keys as
+    edgevit's EfficientViT names them (DataParallel's `module.` removed); the class count is read
+    off the classifier."""
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    classifier = state.get(EFFICIENTVIT_CLASSIFIER)
+    settings = {"num_classes": int(classifier.shape[0])} if classifier is not None and classifier.ndim == 2 else {}
+    return Adopted(state, "efficientvit", settings)
 
 
 def _timm_layer_scale(key: str) -> str:
