@@ -26,6 +26,7 @@ KINDS = [   # first match wins: a fused kernel is named after its ops, in order
     ("softmax", r"softmax"),
     ("LayerNorm", r"layer_norm"),
     ("fp32 matmul (+ epilogue)", r"matmul"),
+    ("conv (depthwise, stem)", r"conv"),
     ("GELU", r"gelu|erf|tanh"),
     ("layout / window copies", r"reshape|transpose|permute|take|concat|strided_slice|pad|roll|scatter|gather"),
 ]

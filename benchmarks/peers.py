@@ -1,6 +1,7 @@
 """edgevit's compiled models against the runtimes users already have, on this CPU, in one run.
 
-For each model (quickstart and fashion Swins, ViT-Ti and Swin-T at 224x224), dense and at
+For each model (quickstart and fashion Swins, ViT-Ti, Swin-T and EfficientViT-B1 at 224x224, the
+fashion EfficientViT), dense and at
 uniform window sparsity 0.5 (Swins), batch 1 and 8: PyTorch eager, ONNX Runtime (CPU provider),
 TVM with edgevit's default schedules ("untuned") and TVM with the tuning database ("tuned"),
 all with the same thread count. Prints latency ratios against ONNX Runtime and achieved
@@ -41,6 +42,8 @@ MODELS = {  # name: (registry model, checkpoint if present)
     "fashion": ("swin_fashion", "runs/fashion/adapt/model.pt"),
     "vit_tiny": ("vit_tiny", None),
     "swin_t": ("swin_t", None),
+    "efficientvit_fashion": ("efficientvit_fashion", "runs/efficientvit_fashion/model.pt"),
+    "efficientvit_b1": ("efficientvit_b1", None),
 }
 
 

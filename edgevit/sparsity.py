@@ -119,9 +119,8 @@ class SparsityConfig:
     def for_model(cls, model, ratios: list[float] | None = None, levels=DEFAULT_LEVELS) -> "SparsityConfig":
         """A config for a swin-family model; all-dense when `ratios` is None."""
         depths = getattr(model.cfg, "depths", None)
-        if depths is None:
-            raise ConfigError(f"model '{getattr(model, 'model_name', '?')}' has no windows to prune; "
-                              "window sparsity applies to the swin family")
+        if depths is None or not hasattr(model, "set_block_ratios"):
+            raise ConfigError(no_windows_message(model))
         knobs = knobs_per_stage(depths)
         return cls(tuple(ratios if ratios is not None else [0.0] * sum(knobs)), knobs, tuple(levels))
 
@@ -223,11 +222,20 @@ def sample_config(stage_knobs: tuple[int, ...], generator, levels=DEFAULT_LEVELS
     return SparsityConfig(tuple(ratios), tuple(stage_knobs), tuple(levels))
 
 
+def no_windows_message(model) -> str:
+    """What adapt / search / sparsity options tell a model that has no windows to prune."""
+    name = getattr(model, "model_name", None) or "?"
+    message = f"model '{name}' has no windows to prune; window sparsity (adapt, search) applies to the swin family"
+    if type(model).__name__ == "EfficientViT":   # its trade-offs are its size and input resolution
+        message += ("; an EfficientViT trades latency by size and input resolution: train efficientvit_b0 or b1 "
+                    "(`--set img_size=N`), compile each and `edgevit bench` it against the budget")
+    return message
+
+
 def set_sparsity(model, config: SparsityConfig | None) -> None:
     """Apply `config` to a swin-family model (None restores the dense model)."""
     if not hasattr(model, "set_block_ratios"):
-        raise ConfigError(f"model '{getattr(model, 'model_name', '?')}' has no windows to prune; "
-                          "window sparsity applies to the swin family")
+        raise ConfigError(no_windows_message(model))
     if config is None:
         config = SparsityConfig.for_model(model)
     model.set_block_ratios(config.block_ratios(tuple(model.cfg.depths)))

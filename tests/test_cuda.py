@@ -404,3 +404,20 @@ def test_max_abs_error_option_sets_the_tolerance_and_is_checked(ckpt, tmp_path):
                                       "--max-abs-error", "0", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and "max_abs_error must be > 0" in result.output
     assert CompileConfig(max_abs_error=0.5, precision="fp16").tolerance("fp16").max_abs_error == 0.5
+
+
+def test_efficientvit_builds_for_jetson_within_its_limits(tmp_path):
+    """Depthwise and grouped convs, the linear attention and the folded norms as CUDA kernels."""
+    from edgevit.checkpoint import Checkpoint
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_efficientvit import tiny
+
+    target = load_target("jetson-orin")
+    art = compile_model(Checkpoint.from_model(tiny()), target, tmp_path / "orin", None, CompileConfig(images=8),
+                        log=lambda _: None)
+    kernels = art.manifest.cuda["kernels"]
+    assert art.manifest.cuda["architectures"] == ["sm_87"] and len(kernels) > 10
+    for k in kernels:
+        assert k["registers"] * k["threads"] <= target.tvm["registers_per_block"]
+        assert k["spill_store_bytes"] == k["spill_load_bytes"] == 0, k["name"]

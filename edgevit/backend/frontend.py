@@ -27,6 +27,8 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     from edgevit.backend.runtime import entry_name
     from edgevit.quantization import quantized_layers
 
+    if hasattr(model, "for_inference"):
+        model = model.for_inference()     # EfficientViT: batch norms folded into their convs
     batch = int(example.shape[0])
     examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
     mod, weights = import_float(model, examples)
@@ -96,10 +98,23 @@ def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
             raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
                                "used by this model; rewrite them with supported ops") from None
 
+    layout = getattr(model, "compile_layout", "NCHW")
     with torch.no_grad(), warnings.catch_warnings(), float_view(model):
         # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        return merge_functions(((name, exported(example)) for name, example in examples.items()), relax)
+        return merge_functions(((name, channels_last(exported(example)) if layout == "NHWC" else exported(example))
+                                for name, example in examples.items()), relax)
+
+
+def channels_last(mod):
+    """Convolutions in NHWC with HWIO weights (TVM's ConvertLayout carries the layout through the
+    elementwise ops between them): a conv-net's 1x1 convs then read and write rows of channels,
+    which the matmul rewrite below makes plain matmuls, and depthwise convs vectorise over
+    channels with their weights contiguous too. Layout changes remain only where a reshape needs
+    NCHW (attention's heads)."""
+    from tvm import relax
+
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})(mod)
 
 
 def merge_functions(named_mods, relax):
@@ -136,7 +151,10 @@ def patch_convs_as_matmuls(mod):
         xs, ws = [int(d) for d in x.ty.shape], [int(d) for d in w.ty.shape]
         n, c, h, wd = xs                                        # NCHW
         o, _, kh, kw = ws                                       # OIHW
-        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NCHW", "OIHW", "NCHW") \
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if layouts == ("NHWC", "HWIO", "NHWC"):
+            return pointwise_nhwc_as_matmul(call, x, w)
+        if layouts != ("NCHW", "OIHW", "NCHW") \
                 or [int(v) for v in attrs.strides] != [kh, kw] or any(int(v) for v in attrs.padding) \
                 or any(int(v) != 1 for v in attrs.dilation) or int(attrs.groups) != 1 or h % kh or wd % kw:
             return call
@@ -153,6 +171,29 @@ def patch_convs_as_matmuls(mod):
         if isinstance(func, relax.Function):
             mod[gv] = rewrite_call(pattern, rewrite, func)
     return mod
+
+
+def pointwise_nhwc_as_matmul(call, x, w):
+    """A channels-last 1x1 conv (stride 1, no padding) as [N, H, W, C] x [C, O], or with groups
+    (EfficientViT's per-head q/k/v mixing) as a batched matmul over the groups; other
+    channels-last convs stay convs (scheduled as NHWC convolutions)."""
+    from tvm.relax import op
+
+    attrs = call.attrs
+    n, h, wd, c = [int(d) for d in x.ty.shape]                  # NHWC
+    kh, kw, cg, o = [int(d) for d in w.ty.shape]                # HWIO, I = C / groups
+    g = int(attrs.groups)
+    if (kh, kw) != (1, 1) or any(int(v) != 1 for v in attrs.strides) or any(int(v) for v in attrs.padding) \
+            or (g > 1 and (cg == 1 or o % g)):
+        return call
+    dtype = str(call.ty.dtype)
+    if g == 1:   # no reshape between the matmul and the bias / activation it then takes as epilogue
+        return op.matmul(x, op.reshape(w, [c, o]), out_dtype=dtype)      # [N, H, W, C] x [C, O]
+    og = o // g
+    rows = op.permute_dims(op.reshape(x, [n * h * wd, g, cg]), [1, 0, 2])                   # [G, NHW, Cg]
+    weight = op.permute_dims(op.reshape(w, [cg, g, og]), [1, 0, 2])                         # [G, Cg, Og]
+    out = op.matmul(rows, weight, out_dtype=dtype)                                          # [G, NHW, Og]
+    return op.reshape(op.permute_dims(out, [1, 0, 2]), [n, h, wd, o])                      # NHWC
 
 
 def precompute_weight_transforms(mod, weights: list[np.ndarray]):
