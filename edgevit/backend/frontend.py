@@ -33,7 +33,14 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     examples = {entry_name(b, batch): example.new_zeros((b, *example.shape[1:])) for b in (batch, *extra_batches)}
     mod, weights = import_float(model, examples)
     layers = {name: (m.weight, m.quant) for name, m in quantized_layers(model).items()}
-    return encode(mod, weights, layers, target, precision)
+    mod, weights = encode(mod, weights, layers, target, precision)
+    if not layers and precision == "fp32" and target is not None and target.device != "cuda" \
+            and getattr(model, "compile_layout", "NCHW") == "NHWC":
+        from edgevit.backend.cpu_rules import fp32_lanes
+        from edgevit.backend.packed_fp32 import pack_weight_matmuls
+
+        mod, weights = pack_weight_matmuls(mod, weights, panel=2 * fp32_lanes(target.tvm_target()))
+    return mod, weights
 
 
 def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision: str = "fp32"):
