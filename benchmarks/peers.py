@@ -113,7 +113,7 @@ def time_tvm(case: Case, target, database: str | None, seconds: float) -> tuple[
 
     x = case.input()
     start = time.perf_counter()
-    mod, weights = to_relax(case.model, x)
+    mod, weights = to_relax(case.model, x, target=target)
     vm = relax.VirtualMachine(build(mod, target, database), tvm.cpu())
     built = time.perf_counter() - start
     args = [tvm.runtime.tensor(x.numpy())] + [tvm.runtime.tensor(w) for w in weights]

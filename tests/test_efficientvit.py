@@ -155,3 +155,19 @@ def test_quantized_pointwise_convs_compile_compressed(settings, tmp_path):
     params = tvm.runtime.load_param_dict(art.weights.read_bytes())
     coded = [p for p in params.values() if p.dtype in ("int8", "uint8")]
     assert len(coded) == len(layers)
+
+
+def test_the_normalisers_epsilon_survives_onnx_export(tmp_path):
+    """torch.onnx's graph optimizer drops `x + 1e-15` (a float constant that small counts as 0):
+    the exported model must still give a silenced head zeros, not NaN, in ONNX Runtime."""
+    import numpy as np
+    import onnxruntime as ort
+
+    attention = LiteMLA(16, 8, (5,), 1e-15).eval()
+    with torch.no_grad():
+        attention.qkv.conv.weight.zero_()             # every head silenced: q = k = 0
+    x = torch.randn(1, 16, 6, 6)
+    path = tmp_path / "mla.onnx"
+    torch.onnx.export(attention, (x,), str(path), input_names=["x"], dynamo=True)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert np.isfinite(out).all()

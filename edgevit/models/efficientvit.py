@@ -209,14 +209,22 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: flo
     """(v kᵀ) q / ((Σ_t k_t)ᵀ q + eps) on (B, h, d, T) tensors: O(T d²), the d x d product first."""
     kv = v @ k.transpose(-1, -2)                                           # (B, h, d, d)
     k_sum = k.sum(dim=-1, keepdim=True).transpose(-1, -2)                  # (B, h, 1, d)
-    return (kv @ q) / (k_sum @ q + eps)                                    # (B, h, d, T) / (B, h, 1, T)
+    return (kv @ q) / guarded(k_sum @ q, eps)                              # (B, h, d, T) / (B, h, 1, T)
 
 
 def quadratic_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
     """The same attention with the T x T map formed (cheaper when T <= d)."""
     scores = k.transpose(-1, -2) @ q                                       # (B, h, T_k, T_q)
-    scores = scores / (scores.sum(dim=2, keepdim=True) + eps)
+    scores = scores / guarded(scores.sum(dim=2, keepdim=True), eps)
     return v @ scores                                                      # (B, h, d, T_q)
+
+
+def guarded(denominator: torch.Tensor, eps: float) -> torch.Tensor:
+    """denominator + eps, for a denominator >= 0 (sums of ReLU outputs), written so that the guard
+    survives ONNX export: torch.onnx's graph optimizer deletes an Add of a constant as small as
+    1e-15 as if it were 0, and a head the ReLU silenced then gave 0 / 0 = NaN. Where d > 0 the
+    select picks d + eps (d if the Add is deleted), where d == 0 it picks eps."""
+    return torch.where(denominator > 0, denominator + eps, torch.full_like(denominator, eps))
 
 
 class EfficientViTBlock(nn.Module):
