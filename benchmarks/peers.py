@@ -42,7 +42,7 @@ MODELS = {  # name: (registry model, checkpoint if present)
     "fashion": ("swin_fashion", "runs/fashion/adapt/model.pt"),
     "vit_tiny": ("vit_tiny", None),
     "swin_t": ("swin_t", None),
-    "efficientvit_fashion": ("efficientvit_fashion", "runs/efficientvit_fashion/model.pt"),
+    "efficientvit_fashion": ("efficientvit_fashion", "runs/efficientvit/train/model.pt"),   # the recipe's
     "efficientvit_b1": ("efficientvit_b1", None),
 }
 

@@ -226,10 +226,8 @@ def no_windows_message(model) -> str:
     """What adapt / search / sparsity options tell a model that has no windows to prune."""
     name = getattr(model, "model_name", None) or "?"
     message = f"model '{name}' has no windows to prune; window sparsity (adapt, search) applies to the swin family"
-    if type(model).__name__ == "EfficientViT":   # its trade-offs are its size and input resolution
-        message += ("; an EfficientViT trades latency by size and input resolution: train efficientvit_b0 or b1 "
-                    "(`--set img_size=N`), compile each and `edgevit bench` it against the budget")
-    return message
+    knobs = getattr(model, "latency_knobs", None)     # a family's own trade-offs, in its words
+    return f"{message}; {knobs}" if knobs else message
 
 
 def set_sparsity(model, config: SparsityConfig | None) -> None:

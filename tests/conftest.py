@@ -99,3 +99,26 @@ def _isolated_tuning_databases(tmp_path_factory):
         os.environ.pop("EDGEVIT_TUNING_DIR", None)
     else:
         os.environ["EDGEVIT_TUNING_DIR"] = old
+
+
+TINY_EFFICIENTVIT = dict(img_size=32, in_chans=1, num_classes=10, widths=(8, 16, 16, 32, 32), depths=(1, 1, 1, 1, 1),
+                         head_widths=(32, 40), head_dim=8, stem_stride=1)
+
+
+@pytest.fixture
+def tiny_efficientvit():
+    """A test-sized EfficientViT (32x32 grey, every block kind once) in eval mode, with batch-norm
+    statistics as training leaves them (not 0 / 1), so folding them is exercised."""
+    from edgevit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("efficientvit_fashion", **TINY_EFFICIENTVIT)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(0.1 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=g))
+                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=g))
+    return model.eval()

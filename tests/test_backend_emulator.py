@@ -46,20 +46,14 @@ def test_rasp4b_artifact_runs_on_the_emulated_board(board, trained, tmp_path):
     assert "rasp4b" in result["device"]
 
 
-def test_efficientvit_artifact_matches_on_the_emulated_board(board, tmp_path):
+def test_efficientvit_artifact_matches_on_the_emulated_board(board, tiny_efficientvit, tmp_path):
     """Channels-last depthwise convs, 1x1 convs as matmuls and the linear attention, for NEON."""
-    import sys
-    from pathlib import Path
-
     from edgevit.checkpoint import Checkpoint
     from edgevit.compile import CompileConfig, compile_model
     from edgevit.targets import load_target
     from edgevit.verify import verify
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_efficientvit import tiny
-
-    art = compile_model(Checkpoint.from_model(tiny()), load_target("rasp4b"), tmp_path / "arm", None,
+    art = compile_model(Checkpoint.from_model(tiny_efficientvit), load_target("rasp4b"), tmp_path / "arm", None,
                         CompileConfig(batch=2), log=lambda _: None)
     result = verify(art, rpc=board.tracker, key=board.key, timeout=120)
     assert result["ok"] and result["max_abs_error"] < 1e-4, result

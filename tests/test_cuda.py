@@ -406,15 +406,12 @@ def test_max_abs_error_option_sets_the_tolerance_and_is_checked(ckpt, tmp_path):
     assert CompileConfig(max_abs_error=0.5, precision="fp16").tolerance("fp16").max_abs_error == 0.5
 
 
-def test_efficientvit_builds_for_jetson_within_its_limits(tmp_path):
+def test_efficientvit_builds_for_jetson_within_its_limits(tiny_efficientvit, tmp_path):
     """Depthwise and grouped convs, the linear attention and the folded norms as CUDA kernels."""
     from edgevit.checkpoint import Checkpoint
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    from test_efficientvit import tiny
-
     target = load_target("jetson-orin")
-    art = compile_model(Checkpoint.from_model(tiny()), target, tmp_path / "orin", None, CompileConfig(images=8),
+    art = compile_model(Checkpoint.from_model(tiny_efficientvit), target, tmp_path / "orin", None, CompileConfig(images=8),
                         log=lambda _: None)
     kernels = art.manifest.cuda["kernels"]
     assert art.manifest.cuda["architectures"] == ["sm_87"] and len(kernels) > 10

@@ -23,10 +23,10 @@ from edgevit.errors import EdgeVitError
 
 def pack_weight_matmuls(mod, weights: list[np.ndarray], panel: int):
     """(mod, weights) with every weight-matmul whose weight has whole panels of columns reading a
-    panel-packed copy; weights used by anything else stay as they are. (Ragged columns, a
-    1000-class head, are left unpacked: the Matmul rule pads them with pad_einsum, which cannot
-    read the packed index, and a sliced padded output fused a slice into the kernel's
-    write-back, which wrote out of bounds.)"""
+    panel-packed copy. A packed weight that something other than a matmul also reads leaves the
+    whole module unpacked. (Ragged columns, a 1000-class head, stay unpacked: the Matmul rule
+    pads them with pad_einsum, which cannot read the packed index, and padding the panels then
+    slicing the output fused the slice into the kernel's write-back, which wrote out of bounds.)"""
     used = _matmul_weights(mod)
     hits = [("packed", w.shape[1]) if i in used and w.ndim == 2 and w.dtype == np.float32 and w.shape[1] % panel == 0
             else None for i, w in enumerate(weights)]
@@ -40,12 +40,10 @@ def pack_weight_matmuls(mod, weights: list[np.ndarray], panel: int):
 
 
 def pack_columns(w: np.ndarray, panel: int) -> np.ndarray:
-    """[K, N] -> [N'/P, K, P] (N' = N rounded up to whole panels, zero columns added): panel j
-    holds columns jP..jP+P-1 for every k, contiguously."""
+    """[K, N] -> [N/P, K, P] (N a multiple of P): panel j holds columns jP..jP+P-1 for every k,
+    contiguously."""
     k, n = w.shape
-    padded = np.zeros((k, -(-n // panel) * panel), np.float32)
-    padded[:, :n] = w
-    return np.ascontiguousarray(padded.reshape(k, -1, panel).transpose(1, 0, 2))
+    return np.ascontiguousarray(w.reshape(k, n // panel, panel).transpose(1, 0, 2))
 
 
 def _matmul_weights(mod) -> set[int]:
@@ -88,15 +86,15 @@ def _lowering(panel: int):
 
 
 def panel_matmul(lead: list[int], k: int, n: int, panel: int):
-    """TIR of C[..., j] = sum_r A[..., r] * W[j // P, r, j % P] for the n columns (W holds whole
-    panels, zero-padded); out-elementwise-fusable, so the epilogue after it fuses into it."""
+    """TIR of C[..., j] = sum_r A[..., r] * W[j // P, r, j % P]; out-elementwise-fusable, so the
+    epilogue after it fuses into it."""
     from tvm import te, tirx
 
     def i64(*dims):   # Relax's legalized kernels use int64 shapes; FuseTIR needs them to match
         return [tirx.IntImm("int64", d) for d in dims]
 
     a = te.placeholder(i64(*lead, k), "float32", name="A")
-    w = te.placeholder(i64(-(-n // panel), k, panel), "float32", name="W")
+    w = te.placeholder(i64(n // panel, k, panel), "float32", name="W")
     r = te.reduce_axis(i64(0, k), name="k")
     c = te.compute(i64(*lead, n), lambda *idx: te.sum(
         a[(*idx[:-1], r)] * w[idx[-1] // panel, r, idx[-1] % panel], axis=r), name="matmul_panels")

@@ -15,7 +15,7 @@ The ops, for a feature map of T = H*W tokens:
 Module and parameter names follow the official repository (mit-han-lab/efficientvit,
 `backbone.input_stem.op_list.N`, `backbone.stages.S.op_list.N.context_module.main.qkv.conv`,
 `head.op_list.N`), so its released state dicts load as they are. `for_inference()` returns a copy
-with every batch norm folded into the conv before it, which compile and export use.
+with every batch norm folded into the conv before it, which compile uses.
 
 Published sizes (the official classification README, ImageNet 224): B1 9.1M parameters,
 0.52 GMACs; B2 24M, 1.6 GMACs. B0's classification model has no published figures.
@@ -271,6 +271,11 @@ class ClassifierHead(OpSequence):
 
 
 class EfficientViT(nn.Module):
+    compile_layout = "NHWC"    # compile converts its convs to channels-last (1x1 convs become matmuls)
+    # what adapt / search say to a model they cannot prune (sparsity.no_windows_message)
+    latency_knobs = ("an EfficientViT trades latency by size and input resolution: train efficientvit_b0 or b1 "
+                     "(`--set img_size=N`), compile each and `edgevit bench` it against the budget")
+
     def __init__(self, cfg: EfficientViTConfig):
         super().__init__()
         self.cfg = cfg
@@ -281,8 +286,6 @@ class EfficientViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    compile_layout = "NHWC"    # compile converts its convs to channels-last (1x1 convs become matmuls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))                                 # (B, classes)
@@ -298,7 +301,6 @@ class EfficientViT(nn.Module):
             for name, child in m.named_children():
                 if isinstance(child, nn.Hardswish):
                     setattr(m, name, MinimumHardswish())
-        folded.model_name = getattr(self, "model_name", None)
         return folded
 
 
