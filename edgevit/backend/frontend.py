@@ -105,12 +105,11 @@ def import_float(model: torch.nn.Module, examples: dict[str, torch.Tensor]):
             raise EdgeVitError(f"TVM's importer does not support operator(s) {', '.join(ops) or str(e)[:200]} "
                                "used by this model; rewrite them with supported ops") from None
 
-    layout = getattr(model, "compile_layout", "NCHW")
+    relayout = channels_last if getattr(model, "compile_layout", "NCHW") == "NHWC" else (lambda mod: mod)
     with torch.no_grad(), warnings.catch_warnings(), float_view(model):
         # torch 2.13's own pytree code trips its LeafSpec deprecation on every export
         warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-        return merge_functions(((name, channels_last(exported(example)) if layout == "NHWC" else exported(example))
-                                for name, example in examples.items()), relax)
+        return merge_functions(((name, relayout(exported(example))) for name, example in examples.items()), relax)
 
 
 def channels_last(mod):

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from edgevit.models.registry import check_positive, register_model
 
@@ -296,8 +297,7 @@ class EfficientViT(nn.Module):
         folded = copy.deepcopy(self).eval()
         for m in folded.modules():
             if isinstance(m, ConvLayer) and m.norm is not None and type(m.conv) is nn.Conv2d:   # not quantized
-                fold_batch_norm(m.conv, m.norm)
-                m.norm = None
+                m.conv, m.norm = fuse_conv_bn_eval(m.conv, m.norm), None
             for name, child in m.named_children():
                 if isinstance(child, nn.Hardswish):
                     setattr(m, name, MinimumHardswish())
@@ -310,15 +310,6 @@ class MinimumHardswish(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.minimum(F.relu(x + 3.0), torch.tensor(6.0)) / 6.0
-
-
-@torch.no_grad()
-def fold_batch_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """conv then eval-mode bn as one conv: w' = w γ/σ, b' = (b - μ) γ/σ + β, σ = sqrt(var + eps)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)                # (O,)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
-    conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
 
 
 # ---------------------------------------------------------------------------- registered sizes
