@@ -257,14 +257,11 @@ def host_environment() -> dict:
         pass
     governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     mhz = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
-    try:
-        import psutil
+    from edgevit.backend.threads import physical_cores, use_physical_cores
 
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover
-        physical = None
-    return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": physical,
-            "threads": os.environ.get("TVM_NUM_THREADS") or physical or os.cpu_count(),
+    use_physical_cores()
+    return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
+            "threads": int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"]),
             "governor": governor, "clock_mhz": round(int(mhz) / 1000) if mhz and mhz.isdigit() else None,
             "arch": platform.machine(), "os": platform.platform()}
 

@@ -20,6 +20,16 @@ TVM_USE_RUNTIME_LIB=1 skips the compiler library; this loader then loads TVM's C
 import hashlib, json, os, sys, time
 from pathlib import Path
 
+if "TVM_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    # TVM halves the core count on x86 for hyper-threads, present or not: one thread per core
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text())
+        except OSError:
+            cores.add(cpu)
+    os.environ["TVM_NUM_THREADS"] = str(max(1, len(cores)))
+
 import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine

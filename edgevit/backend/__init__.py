@@ -8,6 +8,12 @@
     metaschedule  MetaSchedule tasks, builders, runners and measurements for `tune`
     runtime       devices and sessions (local or TVM RPC): only the TVM runtime
     emulator      the emulated aarch64 board (qemu + TVM RPC on loopback)
+    threads       the size of TVM's CPU thread pool (physical cores)
 
-This `__init__` imports nothing, and no module here imports a stage: stages call the backend.
+This `__init__` imports nothing but `threads` (sizing TVM's pool before any module here can
+start it), and no module here imports a stage: stages call the backend.
 """
+
+from edgevit.backend.threads import use_physical_cores
+
+use_physical_cores()
