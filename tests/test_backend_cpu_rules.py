@@ -126,3 +126,70 @@ def test_rules_are_tried_in_order_and_all_decline_non_llvm():
     cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
     func = matmul_bias_gelu(1, 8, 8, 8)
     assert all(rule.apply(func, cuda, False) is None for rule in cpu_rules())
+
+
+@pytest.mark.parametrize("lead,row_tile", [((1, 197), 8), ((2, 197), 1), ((1, 7, 7), 1), ((1, 13), 8)])
+def test_packed_weight_matmuls_pad_ragged_rows_to_whole_tiles_and_keep_the_numerics(lead, row_tile):
+    """A linear + GELU compiled as `compile` does: its weight packed into panels, ViT's 197
+    tokens at batch 1 padded to 200 rows (the padding rows read the last real row and are never
+    written), 2 x 197 rows spanning two leading axes left unpadded; the epilogue fused."""
+    import torch
+
+    from edgevit.backend.build import build
+    from edgevit.backend.frontend import to_relax
+    from edgevit.backend.packed_fp32 import padded_row_tile
+
+    assert padded_row_tile(list(lead), 8) == row_tile
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 64), torch.nn.GELU()).eval()
+    x = torch.randn(*lead, 96)
+    target = load_target("host")
+    mod, weights = to_relax(model, x, target=target)
+    assert any("matmul_panels" in gv.name_hint for gv in mod.functions)
+    vm = tvm.relax.VirtualMachine(build(mod, target, None), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(x.numpy()), *[tvm.runtime.tensor(w) for w in weights]).numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_full_register_tile_is_8_rows_with_32_vector_registers_and_4_with_16():
+    from edgevit.backend.cpu_rules import row_tile, vector_registers
+
+    avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
+    avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    arm = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]})
+    assert [vector_registers(t) for t in (avx512, avx2, arm)] == [32, 16, 32]
+    assert [row_tile(t) for t in (avx512, avx2, arm)] == [8, 4, 8]
+
+
+def test_cpu_targets_let_llvm_reassociate_float_sums_unless_they_say_not_to():
+    assert bool(host().attrs["fast-math-reassoc"])
+    from edgevit.targets import _with_reassociation
+
+    assert _with_reassociation({"kind": "llvm", "fast-math-reassoc": False})["fast-math-reassoc"] is False
+    assert "fast-math-reassoc" not in _with_reassociation({"kind": "cuda"})
+
+
+def test_tvm_gets_one_thread_per_physical_core_unless_the_user_says(monkeypatch, tmp_path):
+    from edgevit.backend import threads
+
+    siblings = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}          # 2 cores with 2 hyper-threads each
+    real_path = threads.Path
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "Path", lambda p: _FakeSysfs(siblings, p) if "topology" in str(p) else real_path(p))
+    assert threads.physical_cores() == 2
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads.use_physical_cores()
+    assert threads.os.environ["TVM_NUM_THREADS"] == "2"
+    monkeypatch.setenv("TVM_NUM_THREADS", "5")
+    threads.use_physical_cores()
+    assert threads.os.environ["TVM_NUM_THREADS"] == "5"
+
+
+class _FakeSysfs:
+    def __init__(self, siblings: dict, path):
+        self.text = siblings[int(str(path).split("/cpu/cpu")[1].split("/")[0])]
+
+    def read_text(self) -> str:
+        return self.text + "\n"

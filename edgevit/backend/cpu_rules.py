@@ -15,6 +15,7 @@ of them for CPU by default. These rules give each a sensible untuned schedule:
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -68,7 +69,15 @@ class Matmul(dl.ScheduleRule):
         main, epilogue = found
         lanes = fp32_lanes(target)
         dom_kind = main.dom_kind()
-        rows, cols = self._tile_shape(sch, main.block_rv, dom_kind, lanes)
+        rows, cols = self._tile_shape(sch, main.block_rv, dom_kind, lanes, vector_registers(target))
+        if epilogue and _writes_padded_rows(sch, main.block_rv, epilogue):
+            # the panel kernel's rows padded to whole tiles (packed_fp32): each tile is kept
+            # local and written back through the epilogue, whose rows past the real ones are not written
+            sch.set_scope(main.block_rv, 0, "local")
+            for intermediate in epilogue[:-1]:
+                sch.compute_inline(intermediate)
+            self._tile(sch, main.block_rv, epilogue[-1], dom_kind, rows, cols, lanes)
+            return sch
         unpad = self._pad_ragged(sch, main.block_rv, dom_kind, rows, cols)
         write_back = sch.cache_write(main.block_rv, 0, "local")
         # the epilogue as one expression first: reverse-inlining block by block leaves a dangling
@@ -83,7 +92,7 @@ class Matmul(dl.ScheduleRule):
         return sch
 
     @staticmethod
-    def _tile_shape(sch, block, dom_kind: str, lanes: int) -> tuple[int, int]:
+    def _tile_shape(sch, block, dom_kind: str, lanes: int, registers: int) -> tuple[int, int]:
         """(MR, NR): NR is two vector registers, or one when that divides the columns evenly."""
         loops = sch.get_loops(block)
         n_spatial = dom_kind.index("R")
@@ -93,7 +102,7 @@ class Matmul(dl.ScheduleRule):
             cols = lanes
         if n_spatial < 2:
             return 1, cols
-        return _rows_dividing(get_extent(sch, loops[n_spatial - 2]), lanes), cols
+        return _rows_dividing(get_extent(sch, loops[n_spatial - 2]), registers), cols
 
     @staticmethod
     def _pad_ragged(sch, block, dom_kind: str, rows: int, cols: int) -> list:
@@ -103,7 +112,7 @@ class Matmul(dl.ScheduleRule):
         n_spatial = dom_kind.index("R")
         extents = [get_extent(sch, lp) for lp in loops]
         padding = [1] * len(loops)
-        padding[n_spatial - 1] = cols    # ragged rows only cost a predicate on unrolled rows
+        padding[n_spatial - 1] = cols    # ragged rows: see _rows_dividing
         if all(not isinstance(e, int) or e % p == 0 for e, p in zip(extents, padding)):
             return []
         before = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
@@ -142,14 +151,45 @@ class Matmul(dl.ScheduleRule):
         _vectorize_copy(sch, write_back, lanes, parallel=False)
 
 
-def _rows_dividing(extent, lanes: int) -> int:
-    """MR: 4, or with 32 vector registers (AVX-512) a tile of 5-7 rows that divides a row count
-    4 does not (a channels-last conv's 7- and 14-pixel rows, Swin's 49-token windows: with 4
-    rows their last tile ran part empty behind a predicate). Swin-T and the fashion Swin at
-    batch 1 measured the same or slightly faster with it (129.7 -> 126.9 ms, 0.60 -> 0.57 ms)."""
-    if not isinstance(extent, int) or extent % ROWS_PER_TILE == 0 or lanes < 16:
+def vector_registers(target) -> int:
+    """Architectural vector registers: 32 on AVX-512 and AArch64 NEON, 16 on AVX2."""
+    return 16 if fp32_lanes(target) == 8 else 32
+
+
+def row_tile(target) -> int:
+    """MR, the rows of a full register tile: 8 with 32 vector registers (16 accumulators of
+    8 x 2 vectors, the FMA latency x throughput product of 8 with room to spare), 4 with 16."""
+    return 8 if vector_registers(target) >= 32 else ROWS_PER_TILE
+
+
+def _rows_dividing(extent, registers: int) -> int:
+    """MR for `extent` rows: the full tile when it divides them, else with 32 registers a tile
+    of 7, 6, 5 or 4 rows that does (a channels-last conv's 7- and 14-pixel rows, Swin's 49-token
+    windows), else 4 rows with the last tile part empty behind a predicate. That predicate
+    costs: LLVM keeps the rows it guards in memory instead of registers (ViT's 197 tokens:
+    140-170 GFLOP/s against 300-330 for 192 rows), so packed_fp32 pads such rows to whole
+    tiles; on the attention's unpadded 197-row matmuls 4 rows measured faster than 8
+    (0.104 / 0.061 ms against 0.138 / 0.086)."""
+    full = 8 if registers >= 32 else ROWS_PER_TILE
+    if not isinstance(extent, int):
         return ROWS_PER_TILE
-    return next((r for r in (7, 6, 5) if extent % r == 0), ROWS_PER_TILE)
+    choices = (full, 7, 6, 5, ROWS_PER_TILE) if registers >= 32 else (full,)
+    return next((r for r in choices if extent % r == 0), ROWS_PER_TILE)
+
+
+def divides_rows(rows: int, full: int) -> bool:
+    """Whether the Matmul rule finds a register tile dividing `rows` when its full tile is `full`."""
+    return rows % _rows_dividing(rows, 32 if full >= 8 else 16) == 0
+
+
+def _writes_padded_rows(sch, main, epilogue) -> bool:
+    """Whether the reduction block writes more rows than the kernel's output has (packed_fp32's
+    padded row tiles) into a buffer of the kernel's own."""
+    own = list(sch.get(sch.get_sblock("root")).alloc_buffers)
+    produced = sch.get(main).writes[0].source
+    out = sch.get(epilogue[-1]).writes[0].source
+    rows = lambda buf: int(np.prod([int(d) for d in buf.shape[:-1]]))   # noqa: E731
+    return any(produced.same_as(b) for b in own) and rows(produced) > rows(out)
 
 
 def _vectorize_copy(sch, block, lanes: int, parallel: bool = True) -> None:

@@ -34,12 +34,12 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     mod, weights = import_float(model, examples)
     layers = {name: (m.weight, m.quant) for name, m in quantized_layers(model).items()}
     mod, weights = encode(mod, weights, layers, target, precision)
-    if not layers and precision == "fp32" and target is not None and target.device != "cuda" \
-            and getattr(model, "compile_layout", "NCHW") == "NHWC":
-        from edgevit.backend.cpu_rules import fp32_lanes
+    if not layers and precision == "fp32" and target is not None and target.device != "cuda":
+        from edgevit.backend.cpu_rules import fp32_lanes, row_tile
         from edgevit.backend.packed_fp32 import pack_weight_matmuls
 
-        mod, weights = pack_weight_matmuls(mod, weights, panel=2 * fp32_lanes(target.tvm_target()))
+        tvm_target = target.tvm_target()
+        mod, weights = pack_weight_matmuls(mod, weights, panel=2 * fp32_lanes(tvm_target), row_tile=row_tile(tvm_target))
     return mod, weights
 
 
