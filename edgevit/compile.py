@@ -187,7 +187,7 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
     target's build, validated against ONNX Runtime on the same inputs (images from `data`,
     normalised with `mean`/`std`, or seeded noise). QDQ int8 layers compile to int8 kernels."""
     from edgevit.backend.build import tvm_version
-    from edgevit.backend.frontend import encode, import_onnx
+    from edgevit.backend.frontend import cpu_kernels, encode, import_onnx
     from edgevit.backend.runtime import entry_name
     from edgevit.onnx_model import dequantized_graph, ort_reference
 
@@ -205,6 +205,7 @@ def compile_onnx(onnx_model, target: Target, out_dir: str | Path, cfg: CompileCo
         start = time.perf_counter()
         shapes = {entry_name(b, cfg.batch): (b, *shape[1:]) for b in (cfg.batch, *cfg.extra_batches)}
         mod, weights = encode(*import_onnx(graph, onnx_model.input_name, shapes), layers, target, cfg.precision)
+        mod, weights = cpu_kernels(mod, weights, target, cfg.precision, packed=not layers)
         schedules, kernels = _write_library(tmp, mod, weights, target, cfg, log)
         compile_seconds = time.perf_counter() - start
         inputs, source = _onnx_validation_inputs(shape, cfg.images, data, mean, std, log)

@@ -7,14 +7,8 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import te  # noqa: E402
 
-from edgevit.backend.cpu_rules import (  # noqa: E402
-    PARALLEL_MIN_MACS,
-    Injective,
-    Matmul,
-    RowReduction,
-    cpu_rules,
-    fp32_lanes,
-)
+from edgevit.backend.cpu_features import PARALLEL_MIN_MACS, fp32_lanes  # noqa: E402
+from edgevit.backend.cpu_rules import Injective, Matmul, RowReduction, cpu_rules  # noqa: E402
 from edgevit.targets import load_target  # noqa: E402
 
 pytestmark = pytest.mark.tvm
@@ -153,7 +147,7 @@ def test_packed_weight_matmuls_pad_ragged_rows_to_whole_tiles_and_keep_the_numer
 
 
 def test_full_register_tile_is_8_rows_with_32_vector_registers_and_4_with_16():
-    from edgevit.backend.cpu_rules import row_tile, vector_registers
+    from edgevit.backend.cpu_features import row_tile, vector_registers
 
     avx512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
     avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})

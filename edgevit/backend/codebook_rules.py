@@ -23,7 +23,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 
 from edgevit.backend.codebook_kernels import DECODE_BLOCK, VECTOR
-from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, ROWS_PER_TILE, _open, _vectorize_copy, fp32_lanes
+from edgevit.backend.cpu_features import PARALLEL_MIN_MACS, ROWS_PER_TILE, fp32_lanes
+from edgevit.backend.cpu_rules import _open, _vectorize_copy
 
 VPERMPS = "llvm.x86.avx512.permvar.sf.512"    # 16 fp32 table entries looked up by 16 int32 lanes
 VECTOR_DECODE = "edgevit_vector_decode"       # block annotation: bits per code of a 16-lane decode tile

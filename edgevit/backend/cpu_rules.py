@@ -20,26 +20,15 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
-from tvm.target.codegen import target_has_features
 
-ROWS_PER_TILE = 4           # MR: rows of the register tile (4 x 2 vectors = 8 accumulators)
-VECTORS_PER_TILE = 2        # NR = 2 vector registers wide
-# Waking TVM's thread pool costs ~10-20 us here; on the 32x32 fashion model parallelising every
-# kernel made it 2.2 ms, these thresholds 1.15 ms (sweep of 2^17..2^24 MACs, 2^14..2^30 elements).
-PARALLEL_MIN_ELEMENTS = 1 << 16   # below this an injective or row-reduction kernel runs on one thread
-PARALLEL_MIN_MACS = 1 << 22       # below this a matmul runs on one thread
-
-
-def fp32_lanes(target) -> int:
-    """fp32 lanes of the widest vector register the target's CPU features give. (LLVM's own
-    `llvm_get_vector_width` says 512 for AVX2-only Zen 3, which made every tile spill.)"""
-    for feature, lanes in (("avx512f", 16), ("avx", 8), ("neon", 4), ("asimd", 4)):
-        try:
-            if target_has_features(feature, target):
-                return lanes
-        except Exception:  # noqa: BLE001 - unknown feature name for this architecture
-            continue
-    return 4
+from edgevit.backend.cpu_features import (
+    PARALLEL_MIN_ELEMENTS,
+    PARALLEL_MIN_MACS,
+    ROWS_PER_TILE,
+    VECTORS_PER_TILE,
+    fp32_lanes,
+    vector_registers,
+)
 
 
 def _is_scheduled(func) -> bool:
@@ -149,17 +138,6 @@ class Matmul(dl.ScheduleRule):
             sch.unroll(inner[0])
         sch.decompose_reduction(block, reduce[0])
         _vectorize_copy(sch, write_back, lanes, parallel=False)
-
-
-def vector_registers(target) -> int:
-    """Architectural vector registers: 32 on AVX-512 and AArch64 NEON, 16 on AVX2."""
-    return 16 if fp32_lanes(target) == 8 else 32
-
-
-def row_tile(target) -> int:
-    """MR, the rows of a full register tile: 8 with 32 vector registers (16 accumulators of
-    8 x 2 vectors, the FMA latency x throughput product of 8 with room to spare), 4 with 16."""
-    return 8 if vector_registers(target) >= 32 else ROWS_PER_TILE
 
 
 def _rows_dividing(extent, registers: int) -> int:
@@ -333,5 +311,7 @@ def _output_elements(func) -> int:
 
 def cpu_rules() -> list:
     """In the order they are tried; each declines (returns None) what it does not fit."""
-    return [Matmul(), SerialWhenSmall(dl.cpu.GEMV()), RowReduction(), SerialWhenSmall(dl.cpu.Reduction()),
+    from edgevit.backend.attention import FusedAttention
+
+    return [FusedAttention(), Matmul(), SerialWhenSmall(dl.cpu.GEMV()), RowReduction(), SerialWhenSmall(dl.cpu.Reduction()),
             Injective()]

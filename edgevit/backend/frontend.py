@@ -34,13 +34,24 @@ def to_relax(model: torch.nn.Module, example: torch.Tensor, extra_batches: tuple
     mod, weights = import_float(model, examples)
     layers = {name: (m.weight, m.quant) for name, m in quantized_layers(model).items()}
     mod, weights = encode(mod, weights, layers, target, precision)
-    if not layers and precision == "fp32" and target is not None and target.device != "cuda":
-        from edgevit.backend.cpu_rules import fp32_lanes, row_tile
-        from edgevit.backend.packed_fp32 import pack_weight_matmuls
+    return cpu_kernels(mod, weights, target, precision, packed=not layers)
 
-        tvm_target = target.tvm_target()
+
+def cpu_kernels(mod, weights: list[np.ndarray], target, precision: str = "fp32", packed: bool = True):
+    """A CPU target's own kernels in the graph: fp32 weight matmuls reading panel-packed weights
+    (`packed`: not for a quantized model, whose encodings lay out their own), attention as one
+    kernel per (image x head, row tile) (attention.py); the weight-only steps these add (a
+    relative position bias padded to whole vectors) done once, here. Other targets: unchanged."""
+    if target is None or target.device == "cuda" or precision != "fp32":
+        return mod, weights
+    from edgevit.backend.attention import fuse_attention_pass
+    from edgevit.backend.cpu_features import fp32_lanes, row_tile
+    from edgevit.backend.packed_fp32 import pack_weight_matmuls
+
+    tvm_target = target.tvm_target()
+    if packed:
         mod, weights = pack_weight_matmuls(mod, weights, panel=2 * fp32_lanes(tvm_target), row_tile=row_tile(tvm_target))
-    return mod, weights
+    return precompute_weight_transforms(fuse_attention_pass(tvm_target)(mod), weights)
 
 
 def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision: str = "fp32"):

@@ -21,7 +21,8 @@ from tvm.s_tir.dlight.base import get_extent
 from tvm.script import tirx as T
 from tvm.target.codegen import target_has_features
 
-from edgevit.backend.cpu_rules import PARALLEL_MIN_MACS, _open, _vectorize_copy, single_reduction
+from edgevit.backend.cpu_features import PARALLEL_MIN_MACS
+from edgevit.backend.cpu_rules import _open, _vectorize_copy, single_reduction
 from edgevit.backend.encodings import PANEL_COLS, PANEL_DEPTH
 from edgevit.backend.encodings import TILE_ROWS as ROWS  # MR: rows of the register tile (the graph pads to it)
 
