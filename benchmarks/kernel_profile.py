@@ -2,8 +2,10 @@
 
 Builds the model for the host exactly as `compile` does (edgevit's rules, or an int8 model's
 kernels), runs it in the VM's bytecode mode with an instrument timing every kernel call, and
-prints the kernels grouped by kind (int8 matmuls, fp32 matmuls, softmax, LayerNorm, quantize
-passes, layout copies, ...) with their share of the total. Per-call Python overhead (~2 us) is
+prints the kernels grouped by kind (int8 matmuls, fp32 matmuls, fused attention, softmax,
+LayerNorm, quantize passes, layout copies, ...) with their share of the total, and the
+GFLOP/s of the kernels doing the model's matmuls against PyTorch's sgemm peak, measured in the
+same run. Per-call Python overhead (~2 us) is
 included in each figure, so the shares of models whose kernels take milliseconds are what it is
 for (ViT-Ti and Swin-T at 224), not the fashion models.
 
@@ -23,6 +25,7 @@ import torch
 KINDS = [   # first match wins: a fused kernel is named after its ops, in order
     ("int8 matmul (+ epilogue)", r"matmul_[us]8s8"),
     ("activation quantize", r"round.*clip|clip.*cast"),
+    ("fused attention", r"fused_attention"),
     ("softmax", r"softmax"),
     ("LayerNorm", r"layer_norm"),
     ("fp32 matmul (+ epilogue)", r"matmul"),
@@ -80,6 +83,26 @@ def profile(vm, weights, x: np.ndarray, repeat: int) -> tuple[dict[str, float], 
     return {k: v * 1e3 / repeat for k, v in spent.items()}, total
 
 
+MATMUL_KINDS = ("int8 matmul (+ epilogue)", "fp32 matmul (+ epilogue)", "fused attention", "conv (depthwise, stem)")
+
+
+def matmul_efficiency(model: torch.nn.Module, batch: int, by_kind: dict[str, float]) -> None:
+    """The model's matmul and conv FLOPs (edgevit.flops: nothing else is counted) over the time
+    of the kernels computing them (matmuls with their epilogues, fused attention, convs), against
+    PyTorch's sgemm on 1024^3 with the same threads, measured now."""
+    from edgevit.flops import count_flops
+    from edgevit.timing import measure
+
+    flops = count_flops(model, batch)["total"]
+    ms = sum(by_kind.get(k, 0.0) for k in MATMUL_KINDS)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    peak = 2 * 1024 ** 3 / (measure(lambda: torch.mm(a, b), min_seconds=2.0)["median"] * 1e-3) / 1e9
+    achieved = flops / (ms * 1e-3) / 1e9
+    print(f"  matmul / attention / conv kernels: {flops / 1e9:.2f} GFLOP in {ms:.2f} ms = {achieved:.0f} GFLOP/s, "
+          f"{100 * achieved / peak:.0f}% of the sgemm peak ({peak:.0f} GFLOP/s, PyTorch 1024^3, "
+          f"{torch.get_num_threads()} threads)")
+
+
 def main() -> None:
     from edgevit.models import create_model
     from edgevit.quantize import QuantizeConfig, quantize
@@ -121,6 +144,7 @@ def main() -> None:
     print(f"{label}: {total:.2f} ms per run (bytecode VM, instrumented), kernels {kernels:.2f} ms")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:28s} {ms:8.2f} ms  {100 * ms / kernels:5.1f}%")
+    matmul_efficiency(model, args.batch, by_kind)
     print(f"top {args.top} kernels:")
     for name, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {name[:70]:70s} {ms:7.2f} ms  {100 * ms / kernels:5.1f}%")
