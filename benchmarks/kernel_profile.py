@@ -9,7 +9,7 @@ same run. Per-call Python overhead (~2 us) is
 included in each figure, so the shares of models whose kernels take milliseconds are what it is
 for (ViT-Ti and Swin-T at 224), not the fashion models.
 
-    python benchmarks/kernel_profile.py --model vit_tiny [--int8] [--batch 1] [--repeat 10] [--top 12]
+    python benchmarks/kernel_profile.py --model vit_tiny [--int8] [--sparsity 0.5] [--batch 1] [--repeat 10] [--top 12]
 """
 
 from __future__ import annotations
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--model", default="vit_tiny")
     p.add_argument("--int8", action="store_true", help="quantize first (random weights, Fashion-MNIST calibration)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--sparsity", type=float, default=None, help="uniform window sparsity (Swin models)")
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args()
@@ -132,6 +133,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             q = quantize(ckpt, data, Path(tmp) / "q", None, QuantizeConfig(calib_images=128), log=lambda s: None)
             model = q.checkpoint.build_model().eval()
+    if args.sparsity is not None:
+        from edgevit.sparsity import SparsityConfig
+
+        model.set_sparsity(SparsityConfig.uniform(model, args.sparsity))
     c = model.cfg
     x = np.random.default_rng(0).standard_normal((args.batch, c.in_chans, c.img_size, c.img_size), dtype=np.float32)
     vm, weights = build(model, args.batch)
@@ -140,7 +145,7 @@ def main() -> None:
     by_kind: dict[str, float] = defaultdict(float)
     for name, ms in per_kernel.items():
         by_kind[kind_of(name)] += ms
-    label = f"{args.model}{' int8' if args.int8 else ''} b{args.batch}"
+    label = f"{args.model}{' int8' if args.int8 else ''}{f' s{args.sparsity}' if args.sparsity else ''} b{args.batch}"
     print(f"{label}: {total:.2f} ms per run (bytecode VM, instrumented), kernels {kernels:.2f} ms")
     for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:28s} {ms:8.2f} ms  {100 * ms / kernels:5.1f}%")

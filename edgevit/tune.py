@@ -147,7 +147,10 @@ class Tuning:
         # records beyond the default schedule's are trials already measured
         entry["trials"] = max(entry["trials"], len(ms_.kernel_records(task, self.db)) - 1)
         remaining = self.cfg.trials_per_kernel - entry["trials"]
-        if remaining > 0:
+        why_not = ms_.unsearchable(task)
+        if why_not and remaining > 0:
+            self.log(f"{label}: kept edgevit's schedule ({why_not})")
+        elif remaining > 0:
             self.log(f"{label}: searching {remaining} candidates (default {entry['default_ms'] or float('nan'):.4f} ms)")
             ms_.search_task(task, remaining, self.cfg.trials_per_round, seed, self.db, str(self.path / "logs"),
                             self.builder, self.runner, self.cfg.cost_model)

@@ -126,3 +126,17 @@ def test_a_softmax_over_another_axis_is_left_alone():
     mod, run = compiled(NotAttention(), x)
     assert not any(n.startswith("fused_attention") for n in kernels(mod))
     np.testing.assert_allclose(run(), NotAttention()(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_keeps_edgevit_schedule_for_fused_attention_and_searches_the_rest():
+    """MetaSchedule's tiling rules fail on the fused kernel (several reductions per row tile):
+    `tune` keeps edgevit's schedule for it instead of aborting the whole model."""
+    from edgevit.backend.metaschedule import unsearchable
+    from edgevit.backend.packed_fp32 import panel_matmul
+
+    class Task:
+        def __init__(self, func):
+            self.dispatched = [tvm.IRModule({"main": func})]
+
+    assert "attention" in unsearchable(Task(attention_kernel(3, 17, 16, 16, [], 8, 16)))
+    assert unsearchable(Task(panel_matmul([1, 17], 32, 64, 32, 8))) is None

@@ -116,6 +116,18 @@ def measure_default(task, db, tvm_target, builder, runner, local: bool) -> float
     return secs
 
 
+def unsearchable(task) -> str | None:
+    """Why MetaSchedule's space cannot hold the kernel (None: it can). edgevit's fused
+    attention computes several dependent reductions per row tile, which its multi-level tiling
+    rules cannot express (generating its space fails in reverse_compute_at)."""
+    from edgevit.backend.attention import ATTR
+
+    attrs = task.dispatched[0]["main"].attrs
+    if attrs is not None and ATTR in attrs:
+        return "fused attention: MetaSchedule's tiling rules cannot express it"
+    return None
+
+
 def search_task(task, trials: int, per_round: int, seed: int, db, work_dir: str, builder, runner,
                 cost_model: str) -> None:
     """Run MetaSchedule's evolutionary search on one kernel for `trials` candidates into `db`."""
