@@ -261,9 +261,17 @@ def host_environment() -> dict:
 
     use_physical_cores()
     return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
-            "threads": int(os.environ.get("TVM_NUM_THREADS") or os.environ["OMP_NUM_THREADS"]),
+            "threads": _int_or_text(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")),
             "governor": governor, "clock_mhz": round(int(mhz) / 1000) if mhz and mhz.isdigit() else None,
             "arch": platform.machine(), "os": platform.platform()}
+
+
+def _int_or_text(value: str | None):
+    """A thread count as the environment gives it: an int, or the text when it is not one."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
 
 
 def _read(path: str) -> str | None:
