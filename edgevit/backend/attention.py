@@ -13,10 +13,12 @@ same shape, scalar multiplies and additions of tensors that broadcast against th
 replaces it with one call to `attention_kernel`. Each addend keeps its own shape (a window
 mask is not expanded per head or image): the kernel indexes it through the reshapes.
 
-The kernel's rows (queries) and score columns (keys) are padded up to whole register tiles;
-padded rows and columns read the last real query / key, so the inner loops carry no
-predicate, and softmax and the product with v cover only the real keys. The padded output rows
-are sliced off in the graph, where the slice fuses into the next copy (heads back to tokens).
+The kernel's rows (queries) and score columns (keys) are padded up to whole register tiles,
+so the inner loops carry no predicate: padded rows read the last real query; the keys are
+padded with zeros in the graph (kᵀ, and addends along the key axis: weight-only ones such as a
+position bias once, at compile time) and left out of the max and the sums, so softmax and the
+product with v cover only the real keys. The padded output rows are sliced off in the graph,
+where the slice fuses into the next copy (heads back to tokens).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ ATTR = "edgevit.attention"           # PrimFunc attribute marking the fused kern
 def attention_kernel(groups: int, tokens: int, dim: int, dim_v: int, chain: list, rows_tile: int, keys: int):
     """TE PrimFunc out[g, i, c] (i < padded rows) = softmax_j(chain(q[g, i] . k[g, :, j])) @ v[g, :, c].
 
-    q: [G, T, d], k: [G, d, T] (already transposed, as the importer gives it), v: [G, T, dv],
-    then one input per ("add", stage_shape, addend_shape) of `chain`; ("mul", scalar) scales."""
+    q: [G, T, d], k: [G, d, T'] (transposed, as the importer gives it, and zero-padded to T'
+    keys, a multiple of `keys`), v: [G, T, dv], then one input per ("add", stage_shape,
+    addend_shape) of `chain` (its key axis padded to T' where it has one); ("mul", scalar) scales."""
     from tvm import te, tirx, topi
 
     rows = -(-tokens // rows_tile) * rows_tile
@@ -101,8 +104,8 @@ def _addend_index(g, i, j, stage: tuple, shape: tuple) -> list:
 
 
 def schedule_attention(sch, rows_tile: int, lanes: int, parallel: bool) -> None:
-    """Per (group, row tile), in parallel: the q kᵀ tile in registers (rows x one vector of
-    keys, over d), max / exp / sum along the real keys (vectorised by LLVM), the product with v
+    """Per (group, row tile), in parallel: the q kᵀ tile in registers (rows x `keys_tile` keys,
+    over d), max / exp / sum along the real keys (vectorised by LLVM), the product with v
     as rows x two vectors of v's columns, normalised in the write-back. Every intermediate is
     local to the tile (rows x T floats, L1-resident)."""
     out = sch.get_sblock("attention_out")
