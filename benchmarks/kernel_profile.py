@@ -90,13 +90,17 @@ def matmul_efficiency(model: torch.nn.Module, batch: int, by_kind: dict[str, flo
     """The model's matmul and conv FLOPs (edgevit.flops: nothing else is counted) over the time
     of the kernels computing them (matmuls with their epilogues, fused attention, convs), against
     PyTorch's sgemm on 1024^3 with the same threads, measured now."""
+    import sys
+    from pathlib import Path
+
     from edgevit.flops import count_flops
-    from edgevit.timing import measure
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import matmul_peak_gflops  # the peak peers.py measures, the same way
 
     flops = count_flops(model, batch)["total"]
     ms = sum(by_kind.get(k, 0.0) for k in MATMUL_KINDS)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    peak = 2 * 1024 ** 3 / (measure(lambda: torch.mm(a, b), min_seconds=2.0)["median"] * 1e-3) / 1e9
+    peak = matmul_peak_gflops(torch.get_num_threads(), 2.0)
     achieved = flops / (ms * 1e-3) / 1e9
     print(f"  matmul / attention / conv kernels: {flops / 1e9:.2f} GFLOP in {ms:.2f} ms = {achieved:.0f} GFLOP/s, "
           f"{100 * achieved / peak:.0f}% of the sgemm peak ({peak:.0f} GFLOP/s, PyTorch 1024^3, "

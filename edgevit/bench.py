@@ -257,9 +257,8 @@ def host_environment() -> dict:
         pass
     governor = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")
     mhz = _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_cur_freq")
-    from edgevit.backend.threads import physical_cores, use_physical_cores
+    from edgevit.backend.threads import physical_cores  # importing the backend sets TVM_NUM_THREADS
 
-    use_physical_cores()
     return {"cpu": cpu, "cpu_flags": flags, "logical_cores": os.cpu_count(), "physical_cores": physical_cores(),
             "threads": _int_or_text(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")),
             "governor": governor, "clock_mhz": round(int(mhz) / 1000) if mhz and mhz.isdigit() else None,

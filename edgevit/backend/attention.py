@@ -190,11 +190,11 @@ class FusedAttention(dl.ScheduleRule):
 def fuse_attention_pass(target):
     """The Relax pass replacing every matmul(softmax(chain(matmul(Q, Kᵀ))), V) (module docstring)
     with one `attention_kernel` call, for a CPU `target`; the replaced operators are removed."""
-    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     from edgevit.backend.cpu_features import fp32_lanes, row_tile
+    from edgevit.backend.rewrites import function_pass
 
     lanes, full = fp32_lanes(target), row_tile(target)
 
@@ -242,15 +242,7 @@ def fuse_attention_pass(target):
                 out = emit(relax.op.strided_slice(out, axes=[1], begin=[0], end=[tokens]))
             return relax.op.reshape(out, [*lead, tokens, dim_v])
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgeVitFuseAttention")
-    def transform(mod, _ctx):
-        rewriter = Fuse(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-    return transform
+    return function_pass(Fuse, "EdgeVitFuseAttention", dead_code=True)
 
 
 def _op(expr, lookup):

@@ -66,9 +66,10 @@ def activations_in_place(mod):
     kernel profile); moved before the reshape it fuses into the matmul's write-back. (The same
     move for the residual add does not fuse it: the residual's own reshape joins the add's
     group, which then is not elementwise.)"""
-    import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from edgevit.backend.rewrites import function_pass
 
     @mutator
     class InPlace(PyExprMutator):
@@ -86,15 +87,7 @@ def activations_in_place(mod):
                 return relax.op.reshape(y, call.ty.shape)
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgeVitActivationsInPlace")
-    def transform(m, _ctx):
-        rewriter = InPlace(m)
-        for gv, func in m.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
-
-    return transform(mod)
+    return function_pass(InPlace, "EdgeVitActivationsInPlace", dead_code=True)(mod)
 
 
 def encode(mod, weights: list[np.ndarray], layers: dict, target=None, precision: str = "fp32"):

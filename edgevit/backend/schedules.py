@@ -124,9 +124,10 @@ def fast_math_pass():
     """GELU, softmax, exp, erf and tanh as TVM's fast vectorisable approximations (topi.fast_*,
     rational/polynomial, ~1e-7 relative error) instead of scalar libm calls: GELU's erf alone
     took 15-19% of a small ViT's CPU time. Compile still validates every artifact against PyTorch."""
-    import tvm
-    from tvm import relax, topi
+    from tvm import topi
     from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from edgevit.backend.rewrites import function_pass
 
     def gelu(x):
         return topi.multiply(topi.multiply(x, 0.5), topi.add(topi.fast_erf(topi.multiply(x, 0.7071067811865476)), 1.0))
@@ -147,15 +148,7 @@ def fast_math_pass():
                 return self.builder_.call_te(*replacements[name](call))
             return call
 
-    @tvm.transform.module_pass(opt_level=0, name="EdgeVitFastMath")
-    def transform(mod, _ctx):
-        rewriter = FastMath(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-        return rewriter.builder_.get()
-
-    return transform
+    return function_pass(FastMath, "EdgeVitFastMath")
 
 
 def export_kernel_library(mod, cross_compiler: str | None = None) -> str:
