@@ -80,10 +80,14 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=["host", "rasp4b", "jetson-orin"])
     ap.add_argument("--show", action="store_true", help="print the loops' instructions")
     args = ap.parse_args()
+    from edgevit.errors import EdgeVitError
     from edgevit.targets import load_target
 
-    for name in args.targets:
-        spec = load_target(name)
+    try:
+        specs = [load_target(name) for name in args.targets]
+    except EdgeVitError as e:
+        raise SystemExit(f"error: {e}") from None
+    for name, spec in zip(args.targets, specs):
         target = spec.tvm_target()
         if target.kind.name != "llvm":   # a GPU target's CPU side is not where its kernels run
             print(f"{name}: not a CPU target, skipped")

@@ -140,6 +140,9 @@ def main() -> None:
     if args.sparsity is not None:
         from edgevit.sparsity import SparsityConfig
 
+        if not hasattr(model, "set_sparsity"):
+            raise SystemExit(f"error: {args.model} has no windows to prune; --sparsity is for the Swin models")
+
         model.set_sparsity(SparsityConfig.uniform(model, args.sparsity))
     c = model.cfg
     x = np.random.default_rng(0).standard_normal((args.batch, c.in_chans, c.img_size, c.img_size), dtype=np.float32)
